@@ -1,0 +1,122 @@
+"""Tile plan: cores partition the slide, reads are tile-sized and 16-aligned, neighbours, point lookup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsi_grunet.errors import ConfigError
+from wsi_grunet.geometry import Box
+from wsi_grunet.tiling import Tile, grid_shape, neighbours, plan_tiles, tile_for_point
+
+SHAPES = [(1, 1), (1, 300), (257, 1), (64, 64), (96, 160), (100, 230), (1024, 2048), (1000, 999)]
+SIZES = [(64, 16), (64, 0), (96, 32), (1152, 64), (48, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tile_size,halo", SIZES)
+def test_cores_partition_the_slide(shape, tile_size, halo):
+    tiles = plan_tiles(shape, tile_size, halo)
+    count = np.zeros(shape, dtype=np.int32)
+    for tile in tiles:
+        assert not tile.core.is_empty()
+        assert 0 <= tile.core.y0 and tile.core.y1 <= shape[0]
+        assert 0 <= tile.core.x0 and tile.core.x1 <= shape[1]
+        count[tile.core.slices()] += 1
+    assert np.all(count == 1), "every pixel must lie in exactly one core"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tile_size,halo", SIZES)
+def test_read_boxes_are_tile_sized_aligned_and_centred_on_cores(shape, tile_size, halo):
+    core = tile_size - 2 * halo
+    for tile in plan_tiles(shape, tile_size, halo):
+        assert tile.read.shape == (tile_size, tile_size)
+        assert tile.read.y0 % 16 == 0 and tile.read.x0 % 16 == 0
+        # the read box is the full-size core grown by the halo (clipped cores keep the same read)
+        assert tile.read == Box(tile.core.y0, tile.core.x0, tile.core.y0 + core, tile.core.x0 + core).grow(halo)
+        assert tile.read.intersect(tile.core) == tile.core
+
+
+def test_indices_are_row_major_and_match_grid_shape():
+    shape, tile_size, halo = (700, 1100), 256, 32
+    rows, cols = grid_shape(shape, tile_size, halo)
+    assert (rows, cols) == (-(-700 // 192), -(-1100 // 192))
+    tiles = plan_tiles(shape, tile_size, halo)
+    assert len(tiles) == rows * cols
+    for position, tile in enumerate(tiles):
+        assert tile.index == position == tile.row * cols + tile.col
+        assert tile.core.y0 == tile.row * 192 and tile.core.x0 == tile.col * 192
+    # the last row and column are clipped to the slide
+    assert tiles[-1].core.y1 == 700 and tiles[-1].core.x1 == 1100
+    assert tiles[-1].core.height == 700 - (rows - 1) * 192
+
+
+def test_exact_multiple_has_no_ragged_tiles():
+    tiles = plan_tiles((2048, 1024), 1152, 64)
+    assert grid_shape((2048, 1024), 1152, 64) == (2, 1)
+    assert all(t.core.shape == (1024, 1024) for t in tiles)
+
+
+@pytest.mark.parametrize(
+    "shape,tile_size,halo",
+    [
+        ((100, 100), 100, 16),  # tile size not a multiple of 16
+        ((100, 100), 128, 8),  # halo not a multiple of 16
+        ((100, 100), 64, 32),  # no core left
+        ((100, 100), 64, 24),
+        ((100, 100), 64, -16),
+        ((100, 100), 0, 0),
+        ((0, 100), 64, 16),
+        ((100,), 64, 16),
+    ],
+)
+def test_invalid_sizes_raise(shape, tile_size, halo):
+    with pytest.raises(ConfigError):
+        plan_tiles(shape, tile_size, halo)
+    with pytest.raises(ValueError):
+        grid_shape(shape, tile_size, halo)
+
+
+def _touching(a: Tile, b: Tile) -> bool:
+    """Cores share an edge or a corner (computed from the boxes, not the grid)."""
+    return a.index != b.index and not a.core.grow(1).intersect(b.core).is_empty()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (100, 40), (40, 100), (300, 300), (500, 260)])
+def test_neighbours_are_the_tiles_with_touching_cores(shape):
+    tiles = plan_tiles(shape, 96, 32)
+    grid = grid_shape(shape, 96, 32)
+    for tile in tiles:
+        expected = sorted(other.index for other in tiles if _touching(tile, other))
+        found = neighbours(tile, grid)
+        assert sorted(found) == expected
+        assert len(set(found)) == len(found) <= 8
+
+
+def test_neighbour_counts_on_a_large_grid():
+    grid = grid_shape((320, 320), 96, 32)  # 10 x 10
+    tiles = plan_tiles((320, 320), 96, 32)
+    counts = {t.index: len(neighbours(t, grid)) for t in tiles}
+    assert counts[0] == 3 and counts[9] == 3 and counts[99] == 3
+    assert counts[5] == 5 and counts[50] == 5
+    assert counts[55] == 8
+    assert neighbours(tiles[0], grid) == [1, 10, 11]
+
+
+def test_tile_for_point_returns_the_core_that_contains_it():
+    shape, tile_size, halo = (1000, 777), 128, 16
+    tiles = plan_tiles(shape, tile_size, halo)
+    rng = np.random.default_rng(3)
+    points = rng.uniform([0, 0], shape, size=(500, 2))
+    # also the exact corners of cores and the last pixel
+    corners = [(t.core.y0, t.core.x0) for t in tiles] + [(999.999, 776.999), (0.0, 0.0)]
+    for y, x in list(map(tuple, points)) + corners:
+        index = tile_for_point(y, x, shape, tile_size, halo)
+        assert tiles[index].core.contains_point(y, x)
+
+
+@pytest.mark.parametrize("point", [(-0.5, 3), (3, -1e-9), (1000, 3), (3, 777)])
+def test_tile_for_point_outside_the_slide_raises(point):
+    with pytest.raises(ValueError):
+        tile_for_point(point[0], point[1], (1000, 777), 128, 16)

@@ -1,0 +1,1 @@
+"""GRU-Net model, its checkpoints and batched inference."""

@@ -1,0 +1,108 @@
+"""Streamed per-nucleus table (``nuclei.parquet``): one row per nucleus, written in row groups.
+
+Columns: ``id`` (int64, slide-wide nucleus id), centroid and half-open bounding box in level-0 pixels, then
+the measurements of :data:`wsi_grunet.outputs.polygons.MEASUREMENTS` in micrometres or unitless. Each
+column's unit is stored in its Arrow field metadata under ``unit``. Rows are buffered and flushed every
+``rows_per_group`` rows, so memory does not grow with the nucleus count. The file appears under its final
+name only when the writer closes without error; a table with zero rows is still a valid file with the schema.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import OutputError
+from .polygons import MEASUREMENTS, NucleusRecord
+
+_UNITS = {
+    "area_um2": "um^2",
+    "perimeter_um": "um",
+    "major_axis_um": "um",
+    "minor_axis_um": "um",
+}
+POSITION_COLUMNS = ("centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+COLUMNS = ("id",) + POSITION_COLUMNS + tuple(attr for attr, _ in MEASUREMENTS)
+
+
+def nucleus_schema() -> pa.Schema:
+    """Arrow schema of the nucleus table, with units in field metadata."""
+    fields = [pa.field("id", pa.int64(), nullable=False, metadata={"unit": "slide-wide nucleus id"})]
+    fields += [pa.field(name, pa.float64(), False, metadata={"unit": "level-0 px"}) for name in POSITION_COLUMNS]
+    fields += [pa.field(attr, pa.float64(), False, metadata={"unit": _UNITS.get(attr, "1")}) for attr, _ in MEASUREMENTS]
+    return pa.schema(fields, metadata={"frame": "level-0 pixels, x right, y down, pixel (0,0) covers [0,1)^2"})
+
+
+class NucleusTableWriter:
+    """Context manager streaming :class:`NucleusRecord` rows to a Parquet file."""
+
+    def __init__(self, path: str | os.PathLike, rows_per_group: int = 50_000, compression: str = "zstd") -> None:
+        if rows_per_group < 1:
+            raise ValueError(f"rows_per_group must be >= 1, got {rows_per_group}")
+        self.path = Path(path)
+        self.rows_per_group = rows_per_group
+        self.compression = compression
+        self.schema = nucleus_schema()
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._writer: pq.ParquetWriter | None = None
+        self._buffer: dict[str, list] = {name: [] for name in COLUMNS}
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """Number of rows written so far (flushed or buffered)."""
+        return self._count
+
+    def __enter__(self) -> NucleusTableWriter:
+        try:
+            self._writer = pq.ParquetWriter(self._partial, self.schema, compression=self.compression)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write nucleus table ({exc})") from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._writer is None:
+            return
+        if exc_type is None:
+            self.close()
+        else:
+            self._writer.close()
+            self._writer = None
+            self._partial.unlink(missing_ok=True)
+
+    def write(self, record: NucleusRecord, nucleus_id: int) -> None:
+        """Append one nucleus with its slide-wide id."""
+        if self._writer is None:
+            raise OutputError(f"{self.path}: writer is not open (use it as a context manager)")
+        self._buffer["id"].append(int(nucleus_id))
+        for name in COLUMNS[1:]:
+            self._buffer[name].append(float(getattr(record, name)))
+        self._count += 1
+        if len(self._buffer["id"]) >= self.rows_per_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer["id"]:
+            return
+        batch = pa.RecordBatch.from_pydict(self._buffer, schema=self.schema)
+        try:
+            self._writer.write_batch(batch, row_group_size=self.rows_per_group)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write nucleus table ({exc})") from None
+        self._buffer = {name: [] for name in COLUMNS}
+
+    def close(self) -> None:
+        """Flush buffered rows, finish the file and move it to its final name."""
+        if self._writer is None:
+            return
+        try:
+            self._flush()
+            self._writer.close()
+            os.replace(self._partial, self.path)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write nucleus table ({exc})") from None
+        finally:
+            self._writer = None

@@ -1,0 +1,339 @@
+"""OME-Zarr 0.5 output: nucleus probability image plus a ``labels/nuclei`` instance-label pyramid.
+
+Layout (zarr v3, sharded, Blosc-zstd compressed)::
+
+    slide.ome.zarr/            image group, attributes.ome = {version: "0.5", multiscales: [...]}
+      0, 1, ... L-1            uint8 probability, value = round(probability * 255)
+      labels/                  attributes.ome = {version: "0.5", labels: ["nuclei"]}
+        nuclei/                multiscales + image-label, source image "../../"
+          0, 1, ... L-1        int32 nucleus ids, 0 = background
+
+Frames: arrays are (y, x) in model pixels at level 0, halved per level (sizes round up). Scales are
+micrometres per pixel, ``pixel_um * 2**i``. A coordinate transformation maps a pixel index to the position
+of that pixel's centre:
+
+* probability levels are 2x2 means, so a level-i pixel is centred on the middle of the 2**i x 2**i block it
+  summarises: translation ``(2**i - 1) / 2 * pixel_um``;
+* label levels keep the top-left pixel of every 2x2 block (nearest, never a blend of ids), so a level-i
+  pixel is the level-0 pixel at index ``2**i * j``: translation 0.
+
+Concurrency: a shard is one storage object. Every write covers whole shards (the image's right and bottom
+edges excepted, where a shard is cut by the image border), so writers that own different shards never
+touch the same object and need no locks. The pyramid is built one destination shard per task.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from ..errors import OutputError
+from ..geometry import Box
+
+OME_VERSION = "0.5"
+LABELS_NAME = "nuclei"
+LABELS_PATH = f"labels/{LABELS_NAME}"
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def level_shapes(shape: tuple[int, int], chunk: int, levels: int) -> list[tuple[int, int]]:
+    """Shapes of up to ``levels`` pyramid levels, each half the previous (rounded up).
+
+    A further level is added only while the previous one spans more than one chunk along some axis, so
+    the smallest level fits in a single chunk and there is always at least one level.
+    """
+    shapes = [tuple(int(s) for s in shape)]
+    while len(shapes) < levels and max(shapes[-1]) > chunk:
+        h, w = shapes[-1]
+        shapes.append((ceil_div(h, 2), ceil_div(w, 2)))
+    return shapes
+
+
+def effective_chunk(shard: int, chunk: int) -> int:
+    """Inner chunk edge: ``chunk`` if it divides ``shard``, else their greatest common divisor.
+
+    Sharding requires the shard to be a whole number of chunks; the gcd is the largest edge that is both no
+    bigger than requested and compatible with the caller's shard (the tile core).
+    """
+    if shard <= 0 or chunk <= 0:
+        raise ValueError(f"shard ({shard}) and chunk ({chunk}) must be positive")
+    return chunk if shard % chunk == 0 else math.gcd(shard, chunk)
+
+
+def level_shard(shape: tuple[int, int], shard: int, chunk: int) -> tuple[int, int]:
+    """Shard shape of one level: ``shard`` per axis, shrunk to the level (in whole chunks) when smaller."""
+    return tuple(min(shard, ceil_div(s, chunk) * chunk) for s in shape)
+
+
+def shard_boxes(shape: tuple[int, int], shard: tuple[int, int]) -> Iterator[Box]:
+    """The shard-aligned boxes that tile an array of ``shape`` (row-major), cut at the right/bottom edge."""
+    for y0 in range(0, shape[0], shard[0]):
+        for x0 in range(0, shape[1], shard[1]):
+            yield Box(y0, x0, min(y0 + shard[0], shape[0]), min(x0 + shard[1], shape[1]))
+
+
+def check_shard_aligned(box: Box, shape: tuple[int, int], shard: tuple[int, int], what: str) -> None:
+    """Raise ValueError unless ``box`` lies inside ``shape`` and covers whole shards only."""
+    if box.is_empty() or box.y0 < 0 or box.x0 < 0 or box.y1 > shape[0] or box.x1 > shape[1]:
+        raise ValueError(f"{what}: box {box} is empty or outside the image {shape}")
+    starts_ok = box.y0 % shard[0] == 0 and box.x0 % shard[1] == 0
+    ends_ok = (box.y1 % shard[0] == 0 or box.y1 == shape[0]) and (box.x1 % shard[1] == 0 or box.x1 == shape[1])
+    if not (starts_ok and ends_ok):
+        raise ValueError(
+            f"{what}: box {box} is not aligned to the {shard} shard grid; it would share a shard with "
+            "another writer"
+        )
+
+
+def probability_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Probability in [0, 1] -> uint8 0..255 (rounded; NaN -> 0, out-of-range clipped). uint8 passes through."""
+    if values.dtype == np.uint8:
+        return values
+    scaled = np.clip(np.nan_to_num(values.astype(np.float32, copy=False), nan=0.0), 0.0, 1.0) * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
+def labels_to_int32(labels: np.ndarray, where: str) -> np.ndarray:
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be integers, got {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() > _INT32_MAX):
+        raise ValueError(f"{where}: label ids must lie in 0..{_INT32_MAX}")
+    return labels.astype(np.int32, copy=False)
+
+
+def mean_2x2(block: np.ndarray) -> np.ndarray:
+    """2x2 mean of a uint8 array, rounded half up; an odd last row/column averages the pixels present."""
+    h, w = block.shape
+    padded = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge").astype(np.uint16)
+    sums = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).sum(axis=(1, 3))
+    return ((sums + 2) // 4).astype(np.uint8)
+
+
+def nearest_2x2(block: np.ndarray) -> np.ndarray:
+    """Top-left pixel of every 2x2 block (labels must never be blended)."""
+    return block[::2, ::2]
+
+
+_DOWNSAMPLERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"mean": mean_2x2, "nearest": nearest_2x2}
+
+
+def downsample_shard(root: str, group: str, level: int, method: str, box: tuple[int, int, int, int]) -> None:
+    """Fill one destination shard ``box`` of ``group/level`` from ``group/level-1``.
+
+    Module-level and argument-only so that process pools and dask can run it; reads at most the 2x2
+    source shards under the destination shard.
+    """
+    dst_box = Box(*box)
+    prefix = f"{group}/" if group else ""
+    src = zarr.open_array(store=root, path=f"{prefix}{level - 1}", mode="r")
+    dst = zarr.open_array(store=root, path=f"{prefix}{level}", mode="r+")
+    src_box = Box(2 * dst_box.y0, 2 * dst_box.x0, min(2 * dst_box.y1, src.shape[0]), min(2 * dst_box.x1, src.shape[1]))
+    dst[dst_box.slices()] = _DOWNSAMPLERS[method](src[src_box.slices()])
+
+
+def _axes() -> list[dict]:
+    return [{"name": axis, "type": "space", "unit": "micrometer"} for axis in ("y", "x")]
+
+
+def _datasets(levels: int, pixel_um: float, centred: bool) -> list[dict]:
+    datasets = []
+    for i in range(levels):
+        scale = pixel_um * 2**i
+        shift = (2**i - 1) / 2 * pixel_um if centred else 0.0
+        datasets.append(
+            {
+                "path": str(i),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [scale, scale]},
+                    {"type": "translation", "translation": [shift, shift]},
+                ],
+            }
+        )
+    return datasets
+
+
+def _multiscales(name: str, levels: int, pixel_um: float, method: str, description: str) -> list[dict]:
+    return [
+        {
+            "name": name,
+            "axes": _axes(),
+            "datasets": _datasets(levels, pixel_um, centred=(method == "mean")),
+            "type": method,
+            "metadata": {"description": description, "method": "2x2 " + method + " per level"},
+        }
+    ]
+
+
+class OmeZarrWriter:
+    """Create an OME-Zarr 0.5 probability image with a ``labels/nuclei`` pyramid, and fill it.
+
+    ``shape``: level-0 (H, W) in model pixels; ``pixel_um``: micrometres per model pixel; ``shard``: shard
+    edge at level 0 (the tile core edge, so each tile core is a whole number of shards); ``chunk``: inner
+    chunk edge, replaced by gcd(shard, chunk) when it does not divide ``shard``; ``levels``: requested
+    pyramid depth (fewer when a level already fits one chunk). ``overwrite=False`` refuses an existing path.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        shape: tuple[int, int],
+        pixel_um: float,
+        shard: int,
+        chunk: int,
+        levels: int,
+        name: str,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"{self.path}: image shape must be two positive sizes, got {shape}")
+        if not pixel_um > 0 or levels < 1:
+            raise ValueError(f"{self.path}: pixel_um ({pixel_um}) must be positive and levels ({levels}) >= 1")
+        self.chunk = effective_chunk(shard, chunk)
+        self.shard = shard
+        self.pixel_um = float(pixel_um)
+        self.name = name
+        self.shapes = level_shapes(shape, self.chunk, levels)
+        if self.path.exists():
+            if not overwrite:
+                raise OutputError(f"{self.path}: already exists (pass overwrite to replace it)")
+            if self.path.is_dir():
+                shutil.rmtree(self.path)
+            else:
+                self.path.unlink()
+        try:
+            self._create()
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create OME-Zarr store ({exc.strerror or exc})") from None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> OmeZarrWriter:
+        """Attach to a store made by this class (e.g. in another process) to write into it."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        try:
+            root = zarr.open_group(store=str(self.path), mode="r")
+            ms = root.attrs["ome"]["multiscales"][0]
+            level0 = root["0"]
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise OutputError(f"{self.path}: not an OME-Zarr store written by wsi-grunet ({exc})") from None
+        self.name = ms.get("name", "")
+        self.pixel_um = float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][0])
+        self.chunk = int(level0.chunks[0])
+        self.shard = int(level0.shards[0]) if level0.shards else self.chunk
+        self.shapes = [tuple(root[d["path"]].shape) for d in ms["datasets"]]
+        return self
+
+    def __reduce__(self):
+        # Pickle as a re-open of the path, never the zarr handles: one instance per worker process.
+        return (OmeZarrWriter.open, (str(self.path),))
+
+    @property
+    def levels(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.shapes[0]
+
+    def shard_shape(self, level: int = 0) -> tuple[int, int]:
+        return level_shard(self.shapes[level], self.shard, self.chunk)
+
+    def shard_boxes(self, level: int = 0) -> list[Box]:
+        """Shard-aligned boxes covering ``level``: the unit of work for one writer."""
+        return list(shard_boxes(self.shapes[level], self.shard_shape(level)))
+
+    def _create(self) -> None:
+        root = zarr.create_group(
+            store=str(self.path),
+            zarr_format=3,
+            attributes={
+                "ome": {
+                    "version": OME_VERSION,
+                    "multiscales": _multiscales(
+                        self.name, self.levels, self.pixel_um, "mean", "nucleus probability; value = round(p * 255)"
+                    ),
+                }
+            },
+        )
+        labels = root.create_group("labels", attributes={"ome": {"version": OME_VERSION, "labels": [LABELS_NAME]}})
+        nuclei = labels.create_group(
+            LABELS_NAME,
+            attributes={
+                "ome": {
+                    "version": OME_VERSION,
+                    "multiscales": _multiscales(
+                        LABELS_NAME, self.levels, self.pixel_um, "nearest", "nucleus instance ids; 0 = background"
+                    ),
+                    "image-label": {
+                        "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],
+                        "source": {"image": "../../"},
+                    },
+                }
+            },
+        )
+        for group, dtype in ((root, np.uint8), (nuclei, np.int32)):
+            for level, shape in enumerate(self.shapes):
+                group.create_array(
+                    name=str(level),
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=(self.chunk, self.chunk),
+                    shards=self.shard_shape(level),
+                    compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
+                    fill_value=0,
+                    dimension_names=("y", "x"),
+                )
+
+    def _write(self, array_path: str, box: Box, values: np.ndarray, what: str) -> None:
+        check_shard_aligned(box, self.shape, self.shard_shape(0), f"{self.path}: {what}")
+        if values.shape != box.shape:
+            raise ValueError(f"{self.path}: {what} values {values.shape} do not match box {box.shape}")
+        array = zarr.open_array(store=str(self.path), path=array_path, mode="r+")
+        try:
+            array[box.slices()] = values
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write {what} ({exc.strerror or exc})") from None
+
+    def write_probability(self, box: Box, values: np.ndarray) -> None:
+        """Write level-0 probability (float in [0, 1], or uint8 already scaled) for a shard-aligned box."""
+        self._write("0", box, probability_to_uint8(np.asarray(values)), "probability")
+
+    def write_labels(self, box: Box, labels: np.ndarray) -> None:
+        """Write level-0 nucleus ids (non-negative, fit int32) for a shard-aligned box."""
+        self._write(f"{LABELS_PATH}/0", box, labels_to_int32(np.asarray(labels), f"{self.path}: labels"), "labels")
+
+    def pyramid_tasks(self, level: int) -> list[tuple[str, str, int, str, tuple[int, int, int, int]]]:
+        """Arguments of :func:`downsample_shard` for every destination shard of ``level`` (image and labels)."""
+        boxes = [(b.y0, b.x0, b.y1, b.x1) for b in self.shard_boxes(level)]
+        root = str(self.path)
+        return [(root, "", level, "mean", b) for b in boxes] + [(root, LABELS_PATH, level, "nearest", b) for b in boxes]
+
+    def build_pyramid(self, executor: Executor | None = None) -> None:
+        """Compute levels 1..L-1, each from the level above, one task per destination shard.
+
+        ``executor``: any ``concurrent.futures.Executor`` (a process pool, or a dask client's
+        ``get_executor()``); None runs serially. Levels are built in order; a task holds at most one
+        destination shard and its source region in memory.
+        """
+        for level in range(1, self.levels):
+            tasks = self.pyramid_tasks(level)
+            if executor is None:
+                for args in tasks:
+                    downsample_shard(*args)
+            else:
+                # list() waits for the level and re-raises the first task error.
+                list(executor.map(downsample_shard, *zip(*tasks)))
+

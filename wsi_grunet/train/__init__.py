@@ -1,0 +1,1 @@
+"""Training GRU-Net on annotated tiles."""
