@@ -121,6 +121,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
         raise CheckpointError(f"{json_path}: checkpoint metadata lacks {', '.join(missing)}")
+    version = meta["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{json_path}: format_version must be an integer, got {version!r}")
+    for key in ("mpp", "threshold"):  # used as numbers far from here: refuse nonsense early
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise CheckpointError(f"{json_path}: {key} must be a non-negative number, got {value!r}")
+    if not meta["mpp"] > 0:
+        raise CheckpointError(f"{json_path}: mpp must be positive, got {meta['mpp']!r}")
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{json_path}: checkpoint format {meta['format_version']} is newer than this wsi-grunet supports"
@@ -129,6 +138,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def architecture_from_metadata(meta: dict[str, Any], where: str) -> GRUNetConfig:
+    if not isinstance(meta["architecture"], dict):
+        raise CheckpointError(f"{where}: architecture must be a mapping, got {meta['architecture']!r}")
     arch = dict(meta["architecture"])
     if arch.pop("name", None) != "grunet":
         raise CheckpointError(f"{where}: unknown architecture {meta['architecture'].get('name')!r}")
@@ -151,7 +162,11 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> ModelBundle:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{tensor_path}: not a valid safetensors file ({exc})") from None
-    model = GRUNet(architecture_from_metadata(meta, str(json_path)))
+    config = architecture_from_metadata(meta, str(json_path))
+    try:
+        model = GRUNet(config)
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a width that is not a positive integer
+        raise CheckpointError(f"{json_path}: cannot build the architecture it describes ({exc})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

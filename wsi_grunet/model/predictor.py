@@ -42,13 +42,21 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    @torch.inference_mode()
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """``tiles``: uint8 (N, H, W, 3) RGB, H and W multiples of 16.
 
         Returns ``{"prob": float32 (N, H, W)}`` and, for models with the auxiliary head,
         ``"distance": float32 (N, H, W)`` in [0, 1].
+        On CPU tiles run one at a time: a full-width GRU-Net holds several GB of activations per
+        1152-pixel tile, so a batch would multiply peak memory for no speed gain.
         """
+        if self.device.type == "cpu" and len(tiles) > 1:
+            parts = [self._predict(tiles[i:i + 1]) for i in range(len(tiles))]
+            return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        return self._predict(tiles)
+
+    @torch.inference_mode()
+    def _predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
         if self.channels_last:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..config import build_dataclass, read_yaml
+from ..errors import ConfigError
 from ..model.checkpoint import checkpoint_paths, save_checkpoint
 from ..model.grunet import GRUNet, GRUNetConfig
 from ..model.predictor import choose_device
@@ -81,7 +82,7 @@ def load_training_data(folders: list[Path], cfg: TrainConfig, labels_dir: str | 
             "train_images": [s.name for s in train], "validation_images": [s.name for s in val],
         })
     if not data.train:
-        raise ValueError("no training images found")
+        raise ConfigError(f"{', '.join(str(f) for f in folders)}: no training images (all are validation images or none exist)")
     return data
 
 
@@ -233,7 +234,7 @@ def train(folders: list[Path], out: Path, cfg: TrainConfig, labels_dir: str | No
         "training": {"config": asdict(cfg), "data": data.sources},
     }
     bar = tqdm(total=cfg.max_steps, initial=info["step"], disable=not progress, desc="train", unit="step")
-    running = None
+    running = info["history"][-1]["loss"] if info["history"] else None  # a resumed run continues the smoothed loss
     while info["step"] < cfg.max_steps:
         if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
             log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, info["step"])

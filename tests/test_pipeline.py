@@ -1,0 +1,209 @@
+"""End-to-end pipeline: a small GRU-Net trained here on synthetic discs, real OpenSlide, real Dask,
+real zarr read back with ome-zarr, GeoJSON checked against QuPath's contract."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from PIL import Image
+from distributed import Client, LocalCluster
+from qupath_contract import check_qupath_feature_collection
+from synthetic import synthetic_rgb, write_synthetic_slide
+
+from wsi_grunet.cli import main
+from wsi_grunet.config import load_config
+from wsi_grunet.model.checkpoint import load_checkpoint
+from wsi_grunet.model.predictor import Predictor, predict_image
+from wsi_grunet.pipeline import postprocess_params, run_slide
+from wsi_grunet.postprocess import label_nuclei
+from wsi_grunet.slide.reader import SlideReader
+from wsi_grunet.geometry import Box
+import torch
+
+from wsi_grunet.model.checkpoint import packaged_weights, save_checkpoint
+from wsi_grunet.model.grunet import GRUNet, GRUNetConfig
+
+MPP = 0.5
+
+
+def _disc_labels(truth: dict) -> np.ndarray:
+    labels = np.zeros(truth["shape"], np.uint16)
+    yy, xx = np.mgrid[: truth["shape"][0], : truth["shape"][1]]
+    for k, ((cy, cx), r) in enumerate(zip(truth["centres"], truth["radii"]), start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= (r / truth["mpp"]) ** 2] = k
+    return labels
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A narrow, untrained GRU-Net checkpoint: fast on CPU, for plumbing tests."""
+    torch.manual_seed(0)
+    model = GRUNet(GRUNetConfig(base_filters=4, attention_width=8)).eval()
+    out = tmp_path_factory.mktemp("tiny") / "tiny"
+    save_checkpoint(out, model, {"mpp": MPP, "patch_size": 256, "threshold": 0.5, "trained": False})
+    return out
+
+
+@pytest.fixture(scope="session")
+def disc_checkpoint() -> Path:
+    """The packaged full-width weights: they find the synthetic nuclei (dark discs on pink tissue)."""
+    path = packaged_weights()
+    assert path is not None, "the packaged weights are missing"
+    return path
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+def _cfg(checkpoint: Path, tile: int, halo: int, **extra):
+    overrides = [{"model": {"weights": str(checkpoint), "device": "cpu"}, "tiling": {"tile_size": tile, "halo": halo},
+                  "output": {"chunk": 64, "pyramid_levels": 3}, **extra}]
+    return load_config(None, overrides)
+
+
+def test_tiled_output_equals_single_pass(disc_checkpoint, client, tmp_path):
+    """Stitched probabilities match a single pass within 1/255 (uint8 storage) + 0.01, and the nuclei
+    away from the slide edge are exactly the single-pass nuclei, for two tile sizes."""
+    slide = tmp_path / "discs.svs"
+    write_synthetic_slide(slide, 640, 448, mpp=MPP, levels=1, seed=7)
+    bundle = load_checkpoint(disc_checkpoint)
+    predictor = Predictor(bundle, "cpu")
+    reader = SlideReader(slide, MPP)
+    image = reader.read(Box(0, 0, *reader.model_shape))
+    single = predict_image(predictor, image)["prob"]
+    edge = 48  # zero padding at the slide edge differs between a tile and the single pass
+    params = postprocess_params(bundle, _cfg(disc_checkpoint, 256, 64))
+    single_labels = label_nuclei(single, MPP, params)
+    inner = Box(edge, edge, single.shape[0] - edge, single.shape[1] - edge)
+
+    def nuclei_inside(labels: np.ndarray) -> set[tuple]:
+        found = set()
+        for k in np.unique(labels[labels > 0]):
+            ys, xs = np.nonzero(labels == k)
+            if ys.min() >= inner.y0 and xs.min() >= inner.x0 and ys.max() < inner.y1 and xs.max() < inner.x1:
+                found.add(tuple(np.ravel_multi_index((ys, xs), labels.shape)))
+        return found
+
+    expected = nuclei_inside(single_labels)
+    assert len(expected) >= 10, "the test slide should hold many nuclei away from its edge"
+    for tile, halo in ((256, 64), (384, 96)):
+        out = tmp_path / f"out{tile}"
+        result = run_slide(slide, out, _cfg(disc_checkpoint, tile, halo), bundle, predictor, client, progress=False)
+        assert result.status == "ok"
+        root = zarr.open_group(str(out / "discs" / "discs.ome.zarr"), mode="r")
+        stitched = root["0"][:].astype(np.float32) / 255
+        diff = np.abs(stitched - single)[inner.slices()]
+        assert diff.max() <= 1 / 255 + 0.01, f"tile {tile}: max probability difference {diff.max():.4f}"
+        labels = root["labels/nuclei/0"][:]
+        assert nuclei_inside(labels) == expected, f"tile {tile}: nuclei differ from the single pass"
+
+
+def test_run_end_to_end_outputs(disc_checkpoint, tmp_path):
+    slide = tmp_path / "tissue.svs"
+    truth = write_synthetic_slide(slide, 900, 700, mpp=0.25, levels=3, seed=3)
+    out = tmp_path / "results"
+    code = main(["run", str(slide), "--out", str(out), "--weights", str(disc_checkpoint), "--device", "cpu",
+                 "--workers", "1", "--tile-size", "256", "--halo", "64", "--quiet", "--set", "output.chunk=64",
+                 "tissue.thumbnail_mpp=2", "tissue.min_region_um2=500"])
+    assert code == 0
+    folder = out / "tissue"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["status"] == "ok" and report["model"]["trained"] is True
+    n = report["counts"]["nuclei"]
+    assert abs(n - len(truth["centres"])) <= 0.2 * len(truth["centres"]) + 2, (n, len(truth["centres"]))
+    # OME-Zarr read back with the independent ome-zarr reader: image + labels, micrometre scales.
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(folder / "tissue.ome.zarr")))())
+    image_meta = nodes[0].metadata
+    scales = [t[0]["scale"] for t in image_meta["coordinateTransformations"]]
+    assert scales[0] == [MPP, MPP] and scales[1] == [2 * MPP, 2 * MPP]
+    root = zarr.open_group(str(folder / "tissue.ome.zarr"), mode="r")
+    assert root.attrs["ome"]["version"] == "0.5"
+    labels = root["labels/nuclei/0"][:]
+    assert labels.dtype == np.int32 and len(np.unique(labels[labels > 0])) == n
+    # GeoJSON: QuPath contract, ids shared with the table and the label image.
+    assert check_qupath_feature_collection(folder / "nuclei.geojson.gz") == []
+    with gzip.open(folder / "nuclei.geojson.gz", "rt") as handle:
+        features = json.load(handle)["features"]
+    table = pq.read_table(folder / "nuclei.parquet")
+    ids = sorted(table.column("id").to_pylist())
+    assert len(features) == n and ids == list(range(1, n + 1))
+    assert set(np.unique(labels[labels > 0]).tolist()) == set(ids)
+    # Level-0 coordinates: every centroid lies on a synthetic disc (level 0 = 0.25 um/px here).
+    cx, cy = np.array(table.column("centroid_x").to_pylist()), np.array(table.column("centroid_y").to_pylist())
+    centres = np.asarray(truth["centres"])
+    nearest = np.min(np.hypot(centres[:, 0][None] - cy[:, None], centres[:, 1][None] - cx[:, None]), axis=1)
+    assert np.median(nearest) < 4, "centroids are not where the nuclei are in level-0 pixels"
+    assert Image.open(folder / "preview.png").size[0] > 0
+    assert not list(out.glob(".*partial*")), "temporary folders were left behind"
+    # A second run skips the finished slide.
+    assert main(["run", str(slide), "--out", str(out), "--weights", str(disc_checkpoint), "--device", "cpu",
+                 "--workers", "1", "--quiet"]) == 0
+
+
+def test_bad_inputs_do_not_stop_the_cohort(tiny_checkpoint, shared_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    blank = tmp_path / "slides" / "blank.svs"
+    blank.parent.mkdir()
+    write_synthetic_slide(blank, 512, 512, mpp=MPP, levels=1, blank=True)
+    code = main(["run", str(shared_dir / "slides" / "fixtures"), str(blank), "--out", str(out), "--weights",
+                 str(tiny_checkpoint), "--device", "cpu", "--workers", "1", "--tile-size", "256", "--halo", "64", "--quiet"])
+    assert code == 1
+    summary = json.loads((out / "run_summary.json").read_text())
+    status = {Path(s["slide"]).name: s for s in summary["slides"]}
+    for name, words in {"broken.svs": "not a slide", "unopenable.tiff": "unsupported",
+                        "unreadable.svs": "cannot read", "boxes.tiff": "microns-per-pixel"}.items():
+        assert status[name]["status"] == "failed" and words in status[name]["error"] and name in status[name]["error"]
+        assert not (out / name.split(".")[0]).exists(), f"{name}: a failed slide left an output folder"
+    assert status["blank.svs"]["status"] == "ok" and status["blank.svs"]["nuclei"] == 0
+    assert check_qupath_feature_collection(out / "blank" / "nuclei.geojson.gz") == []
+    assert status["small.svs"]["status"] == "ok"
+    printed = capsys.readouterr().out
+    assert "failed" in printed and "broken.svs" in printed
+
+
+def test_unwritable_output_folder(tiny_checkpoint, tmp_path):
+    slide = tmp_path / "s.svs"
+    write_synthetic_slide(slide, 256, 256, mpp=MPP, levels=1)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root): permissions cannot be tested")
+        assert main(["run", str(slide), "--out", str(locked / "r"), "--weights", str(tiny_checkpoint), "--quiet"]) != 0
+    finally:
+        os.chmod(locked, 0o700)
+
+
+def test_output_path_is_a_file(tiny_checkpoint, tmp_path, caplog):
+    slide = tmp_path / "s.svs"
+    write_synthetic_slide(slide, 256, 256, mpp=MPP, levels=1)
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    assert main(["run", str(slide), "--out", str(blocker), "--weights", str(tiny_checkpoint), "--quiet"]) != 0
+    assert "not writable" in caplog.text and str(blocker) in caplog.text
+
+
+def test_cmu_slide_with_small_model(tiny_checkpoint, shared_dir, tmp_path):
+    out = tmp_path / "cmu"
+    code = main(["run", str(shared_dir / "slides" / "CMU-1-Small-Region.svs"), "--out", str(out), "--weights",
+                 str(tiny_checkpoint), "--device", "cpu", "--workers", "1", "--tile-size", "512", "--halo", "64", "--quiet"])
+    assert code == 0
+    report = json.loads((out / "CMU-1-Small-Region" / "report.json").read_text())
+    assert report["slide"]["mpp_used"] == pytest.approx(0.499, abs=1e-3)
+    assert report["counts"]["model_shape"] == [2961, 2216] or report["counts"]["model_shape"][0] > 2900
+    assert check_qupath_feature_collection(out / "CMU-1-Small-Region" / "nuclei.geojson.gz") == []

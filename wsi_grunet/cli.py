@@ -1,0 +1,268 @@
+"""Command line: ``wsi-grunet run | info | segment | train | evaluate``. Parses, then calls the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import WsiGrunetError
+
+log = logging.getLogger("wsi_grunet")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UntrainedFilter(logging.Filter):
+    """Prefix every log line when the model is untrained, so no output is mistaken for a result."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"[UNTRAINED MODEL] {record.msg}"
+        return True
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _mark_untrained(bundle) -> None:
+    if not bundle.trained:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(UntrainedFilter())
+
+
+def _overrides(args: argparse.Namespace) -> list[dict]:
+    from .config import parse_override
+
+    mapping = {
+        "weights": ("model", "weights"), "device": ("model", "device"), "batch_size": ("model", "batch_size"),
+        "amp": ("model", "amp"), "mpp": ("slide", "mpp"), "tile_size": ("tiling", "tile_size"),
+        "halo": ("tiling", "halo"), "workers": ("cluster", "workers"), "scheduler": ("cluster", "scheduler"),
+    }
+    out = [parse_override(text) for text in getattr(args, "set", None) or []]
+    for name, (section, key) in mapping.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            out.append({section: {key: value}})
+    if getattr(args, "overwrite", False):
+        out.append({"output": {"overwrite": True}})
+    if getattr(args, "no_tissue_detection", False):
+        out.append({"tissue": {"enabled": False}})
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from distributed import Client, LocalCluster
+
+    from .config import load_config
+    from .model.checkpoint import resolve_weights
+    from .pipeline import run_cohort
+    from .slide.reader import find_slides
+
+    for noisy in ("distributed", "bokeh", "tornado"):  # distributed configures its loggers on import
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    cfg = load_config(args.config, _overrides(args))
+    slides = find_slides([Path(p) for p in args.slides])
+    if not slides:
+        log.error("no slide files found in %s", ", ".join(args.slides))
+        return EXIT_USAGE
+    bundle = resolve_weights(cfg.model.weights)
+    _mark_untrained(bundle)
+    if cfg.cluster.scheduler:
+        client, cluster = Client(cfg.cluster.scheduler), None
+    else:
+        cluster = LocalCluster(n_workers=cfg.cluster.workers, threads_per_worker=cfg.cluster.threads_per_worker,
+                               processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        results = run_cohort(slides, Path(args.out), cfg, bundle, client, progress=not args.quiet)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    failed = [r for r in results if r.status == "failed"]
+    print(f"\n{len(results)} slide(s): {len(results) - len(failed) - sum(r.status == 'skipped' for r in results)} done, "
+          f"{sum(r.status == 'skipped' for r in results)} skipped (already finished), {len(failed)} failed")
+    for r in results:
+        line = f"  {r.status:8s} {r.slide}"
+        line += f"  ({r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s)" if r.status == "ok" else ""
+        print(line + (f"\n           {r.error}" if r.error else ""))
+    if not bundle.trained:
+        print("WARNING: the model is UNTRAINED (random weights); these outputs are not nucleus segmentations")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model.checkpoint import resolve_weights
+    from .slide.reader import describe, inspect_slide
+
+    bundle = resolve_weights(args.weights)
+    for slide in args.slides:
+        print(describe(inspect_slide(slide), target_mpp=bundle.mpp, mpp_override=args.mpp))
+        print()
+    print(f"model: {bundle.status_line}")
+    return EXIT_OK
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .model.checkpoint import resolve_weights
+    from .model.predictor import Predictor
+    from .pipeline import postprocess_params
+    from .segment import segment_folder
+
+    cfg = load_config(args.config, _overrides(args))
+    bundle = resolve_weights(cfg.model.weights)
+    _mark_untrained(bundle)
+    predictor = Predictor(bundle, cfg.model.device, cfg.model.amp, cfg.model.channels_last)
+    results = segment_folder(Path(args.images), Path(args.out), args.image_mpp, bundle, postprocess_params(bundle, cfg),
+                             predictor, save_probability=args.save_probability, progress=not args.quiet)
+    failed = [r for r in results if r["status"] != "ok"]
+    for r in failed:
+        print(f"failed: {r['error']}")
+    print(f"{len(results) - len(failed)} image(s) segmented into {args.out}, {len(failed)} failed; model: {bundle.status_line}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import parse_override
+    from .train.loop import load_train_config, train
+
+    overrides = [{k: v for d in [parse_override(s)] for k, v in d.items()} for s in args.set or []]
+    cfg = load_train_config(args.config, overrides)
+    info = train([Path(d) for d in args.data], Path(args.out), cfg, labels_dir=args.labels_dir, mpp=args.data_mpp,
+                 progress=not args.quiet)
+    print(f"trained {info['step']} steps in {info['minutes']:.1f} min; best validation soft Dice {info['best']:.4f}; "
+          f"checkpoint {Path(args.out).with_suffix('.safetensors')}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .evaluate.evaluate import evaluate_dirs, format_table, write_json
+
+    pred, prob = args.pred, args.prob
+    tmp = None
+    if args.images:
+        if args.image_mpp is None:
+            log.error("--images needs --mpp (the images' microns per pixel)")
+            return EXIT_USAGE
+        tmp = tempfile.TemporaryDirectory(prefix="wsi-grunet-eval-")
+        seg_args = argparse.Namespace(images=args.images, out=tmp.name, image_mpp=args.image_mpp, config=None,
+                                      weights=args.weights, device=args.device, set=None, save_probability=True,
+                                      quiet=args.quiet)
+        if cmd_segment(seg_args) != EXIT_OK:
+            return EXIT_FAILED
+        pred, prob = tmp.name, tmp.name
+    if pred is None:
+        log.error("give --pred DIR (label images) or --images DIR to predict on the fly")
+        return EXIT_USAGE
+    result = evaluate_dirs(Path(pred), Path(args.truth), Path(prob) if prob else None)
+    print(format_table(result))
+    if args.out:
+        write_json(result, Path(args.out))
+        print(f"metrics written to {args.out}")
+    if tmp is not None:
+        tmp.cleanup()
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsi-grunet",
+        description="Whole-slide nucleus segmentation with GRU-Net: masks as OME-Zarr, nuclei as QuPath GeoJSON.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsi-grunet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
+        p.add_argument("--quiet", action="store_true", help="only warnings and the summary; no progress bars")
+        if model:
+            p.add_argument("--config", help="YAML config (see configs/default.yaml); values override the defaults")
+            p.add_argument("--weights", help="checkpoint (.safetensors + .json); default: the packaged weights; "
+                                             "'untrained' for a random model")
+            p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+            p.add_argument("--set", nargs="+", metavar="SECTION.KEY=VALUE", help="override any config value")
+
+    run = sub.add_parser("run", help="segment nuclei in whole slides",
+                         description="Segment nuclei in every slide given (files, or folders searched for slide files). "
+                                     "Writes <out>/<slide-stem>/ with <stem>.ome.zarr, nuclei.geojson.gz, nuclei.parquet, "
+                                     "report.json and preview.png. Exit code 1 when any slide failed.")
+    run.add_argument("slides", nargs="+", metavar="SLIDES", help="slide files or folders")
+    run.add_argument("--out", required=True, help="output folder")
+    common(run)
+    run.add_argument("--mpp", type=float, help="slide microns per pixel (overrides the slide's own value)")
+    run.add_argument("--tile-size", type=int, help="model pixels per tile, halo included (multiple of 16)")
+    run.add_argument("--halo", type=int, help="context pixels on each tile side, wider than any nucleus (multiple of 16)")
+    run.add_argument("--batch-size", type=int, help="tiles per forward pass")
+    run.add_argument("--amp", choices=["bf16", "fp16", "off"], help="autocast precision on CUDA")
+    run.add_argument("--workers", type=int, help="CPU worker processes of the local Dask cluster")
+    run.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster")
+    run.add_argument("--overwrite", action="store_true", help="redo slides whose finished results exist")
+    run.add_argument("--no-tissue-detection", action="store_true", help="process every tile, glass included")
+    run.set_defaults(func=cmd_run)
+
+    info = sub.add_parser("info", help="print what the slide reader sees")
+    info.add_argument("slides", nargs="+", metavar="SLIDE")
+    info.add_argument("--mpp", type=float, help="microns per pixel to assume")
+    info.add_argument("--weights", help="checkpoint whose resolution to plan for")
+    info.set_defaults(func=cmd_info)
+
+    seg = sub.add_parser("segment", help="segment nuclei in ordinary image files (tif, png, jpg)",
+                         description="Writes <out>/<image-stem>.png: uint16 instance labels (0 = background) at the "
+                                     "input's size.")
+    seg.add_argument("images", help="an image file or a folder of images")
+    seg.add_argument("--out", required=True)
+    seg.add_argument("--mpp", dest="image_mpp", type=float, required=True, help="microns per pixel of the images")
+    seg.add_argument("--save-probability", action="store_true", help="also write <stem>_prob.png (uint8)")
+    common(seg)
+    seg.set_defaults(func=cmd_segment)
+
+    tr = sub.add_parser("train", help="train GRU-Net on annotated tiles",
+                        description="Trains on folders with images/ and instance labels (labels_instance/, "
+                                    "masks_instance_filled/ or --labels-dir). Keeps the checkpoint with the best "
+                                    "validation soft Dice; rerunning with the same --out resumes.")
+    tr.add_argument("--data", nargs="+", required=True, help="dataset folders")
+    tr.add_argument("--out", required=True, help="checkpoint path (writes .safetensors and .json)")
+    tr.add_argument("--config", help="YAML training config (see configs/train.yaml)")
+    tr.add_argument("--labels-dir", help="name of the label folder inside each dataset folder")
+    tr.add_argument("--mpp", dest="data_mpp", type=float, help="microns per pixel of the training images")
+    tr.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override training config values")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="Dice, AJI, AJI+, DQ/SQ/PQ against ground truth")
+    ev.add_argument("--pred", help="folder of predicted label images")
+    ev.add_argument("--images", help="folder of images to segment first (needs --mpp)")
+    ev.add_argument("--truth", required=True, help="folder of ground-truth label images (same stems)")
+    ev.add_argument("--prob", help="folder with <stem>_prob.png maps (for soft Dice)")
+    ev.add_argument("--mpp", dest="image_mpp", type=float, help="microns per pixel of --images")
+    ev.add_argument("--weights")
+    ev.add_argument("--device")
+    ev.add_argument("--out", help="write metrics as JSON here")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return args.func(args)
+    except WsiGrunetError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE if args.command != "run" else EXIT_FAILED
+    except KeyboardInterrupt:
+        log.error("interrupted; unfinished outputs were not moved into place")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
