@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         client, cluster = Client(cfg.cluster.scheduler), None
     else:
         cluster = LocalCluster(n_workers=cfg.cluster.workers, threads_per_worker=cfg.cluster.threads_per_worker,
-                               processes=True, dashboard_address=None)
+                               processes=True, dashboard_address=":0")
         client = Client(cluster)
     try:
         results = run_cohort(slides, Path(args.out), cfg, bundle, client, progress=not args.quiet)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from distributed import Client, as_completed
 from tqdm import tqdm
 
@@ -31,14 +33,14 @@ from .errors import OutputError, WsiGrunetError
 from .geometry import Box
 from .model.checkpoint import ModelBundle
 from .model.predictor import Predictor
-from .outputs.geojson import QuPathGeoJsonWriter
+from .outputs.geojson import assemble_gzip_collection
 from .outputs.preview import render_preview
-from .outputs.table import NucleusTableWriter
+from .outputs.table import nucleus_schema
 from .outputs.zarr_store import OmeZarrWriter
 from .postprocess import PostprocessParams
 from .slide.reader import SlideReader, open_reader_cached
 from .slide.tissue import tile_has_tissue, tissue_mask
-from .stitch import iter_tile_records, process_tile, write_label_shard
+from .stitch import iter_tile_records, process_tile, write_label_shard, write_tile_vectors
 from .tiling import Tile, grid_shape, neighbours, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -178,28 +180,43 @@ def _write_labels(client: Client, tiles_all: list[Tile], counts: dict[int, int],
     return total
 
 
-def _write_vectors(tiles_all: list[Tile], counts: dict[int, int], work_dir: Path, tmp_dir: Path, stem: str,
-                   thumb: np.ndarray, thumb_um: float, reader: SlideReader, cfg: RunConfig) -> int:
-    """GeoJSON and table streamed tile by tile, in global id order (never all nuclei in memory)."""
-    nucleus_id = 0
-    with QuPathGeoJsonWriter(tmp_dir / "nuclei.geojson.gz", slide_name=stem) as geo, \
-            NucleusTableWriter(tmp_dir / "nuclei.parquet") as table:
-        for tile in tiles_all:
-            if not counts.get(tile.index):
-                continue
-            for record in iter_tile_records(work_dir, tile.index):
-                nucleus_id += 1
-                geo.write(record, nucleus_id)
-                table.write(record, nucleus_id)
+def _write_vectors(client: Client, tiles_all: list[Tile], counts: dict[int, int], work_dir: Path, tmp_dir: Path,
+                   stem: str, thumb: np.ndarray, thumb_um: float, reader: SlideReader, cfg: RunConfig) -> int:
+    """GeoJSON and table: workers serialise each tile's nuclei, this process joins the pieces in id
+    order (streamed; never all nuclei in memory)."""
+    owners = [t.index for t in tiles_all if counts.get(t.index)]
+    futures, first_id = [], 1
+    for n, index in enumerate(owners):
+        futures.append(client.submit(write_tile_vectors, index, first_id, n > 0, stem, str(work_dir), pure=False))
+        first_id += counts[index]
+    written = sum(client.gather(futures))
+    assemble_gzip_collection(tmp_dir / "nuclei.geojson.gz", (work_dir / f"{i:07d}.features.gz" for i in owners))
+    tables = (pq.read_table(work_dir / f"{i:07d}.parquet") for i in owners)
+    partial = tmp_dir / "nuclei.parquet.partial"
+    with pq.ParquetWriter(partial, nucleus_schema(), compression="zstd") as writer:
+        batch, rows = [], 0
+        for table in tables:
+            batch.append(table)
+            rows += table.num_rows
+            if rows >= 50_000:
+                writer.write_table(pa.concat_tables(batch))
+                batch, rows = [], 0
+        if batch:
+            writer.write_table(pa.concat_tables(batch))
+    os.replace(partial, tmp_dir / "nuclei.parquet")
 
     def polygons():
-        for tile in tiles_all:
-            if counts.get(tile.index):
-                for record in iter_tile_records(work_dir, tile.index):
-                    yield record.polygon
+        for index in owners:
+            for record in iter_tile_records(work_dir, index):
+                yield record.polygon
 
+    # The preview is read at the resolution that fills preview_max_px, never finer than the model's.
+    height_um, width_um = (n * reader.slide_mpp for n in (reader.info.height, reader.info.width))
+    preview_um = max(reader.target_mpp, max(height_um, width_um) / cfg.output.preview_max_px)
+    if preview_um < thumb_um:
+        thumb, thumb_um = reader.thumbnail(preview_um)
     render_preview(thumb, thumb_um, reader.slide_mpp, polygons(), tmp_dir / "preview.png", max_px=cfg.output.preview_max_px)
-    return nucleus_id
+    return written
 
 
 def run_slide(slide: Path, out_root: Path, cfg: RunConfig, bundle: ModelBundle, predictor: Predictor,
@@ -241,9 +258,10 @@ def run_slide(slide: Path, out_root: Path, cfg: RunConfig, bundle: ModelBundle, 
         OmeZarrWriter.open(zarr_path).build_pyramid(client.get_executor(pure=False))
         timings["pyramid_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        written = _write_vectors(tiles_all, counts, work_dir, tmp_dir, stem, thumb, thumb_um, reader, cfg)
+        written = _write_vectors(client, tiles_all, counts, work_dir, tmp_dir, stem, thumb, thumb_um, reader, cfg)
         timings["vectors_s"] = time.perf_counter() - t
-        assert written == total, "nucleus count differs between label and vector outputs"
+        if written != total:
+            raise RuntimeError(f"{slide}: {written} nuclei in the vector outputs but {total} in the labels")
         shutil.rmtree(work_dir)
         timings["total_s"] = time.perf_counter() - start
         tiles_per_s = len(tiles) / timings["tiles_s"] if timings["tiles_s"] > 0 else 0.0

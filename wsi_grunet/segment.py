@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .errors import ConfigError, OutputError, WsiGrunetError
 from .geometry import Box
 from .model.checkpoint import ModelBundle
-from .model.predictor import Predictor
+from .model.predictor import Predictor, predict_image
 from .postprocess import PostprocessParams, label_nuclei
 from .tiling import plan_tiles
 from .train.data import read_rgb, resample_image, resample_labels
@@ -25,6 +25,8 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 def predict_tiled(predictor: Predictor, image: np.ndarray, tile_size: int = 1152, halo: int = 64) -> dict[str, np.ndarray]:
     """Probability maps for an image of any size, with the slide pipeline's tiles (cores kept)."""
     height, width = image.shape[:2]
+    if height <= tile_size and width <= tile_size:  # one pass, padded only to a multiple of 16
+        return predict_image(predictor, image)
     maps: dict[str, np.ndarray] = {}
     for tile in plan_tiles((height, width), tile_size, halo):
         box = tile.read.intersect(Box(0, 0, height, width))

@@ -9,6 +9,7 @@ tile and its neighbours, with global ids = the tile's offset (prefix sum of coun
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from dataclasses import asdict
@@ -18,7 +19,9 @@ import numpy as np
 import shapely
 
 from .geometry import Box
+from .outputs.geojson import QuPathGeoJsonWriter
 from .outputs.polygons import NucleusRecord, nuclei_records
+from .outputs.table import NucleusTableWriter
 from .outputs.zarr_store import OmeZarrWriter
 from .ownership import owned_instances
 from .postprocess import PostprocessParams, label_nuclei
@@ -65,6 +68,21 @@ def iter_tile_records(work_dir: Path, index: int):
             row = json.loads(line)
             row["polygon"] = shapely.from_wkt(row["polygon"])
             yield NucleusRecord(**row)
+
+
+def write_tile_vectors(index: int, first_id: int, leading_comma: bool, slide_name: str, work_dir: str) -> int:
+    """Serialise a tile's nuclei (ids first_id, first_id+1, ...) as a gzip member of GeoJSON features
+    and a small Parquet piece; the main process joins the pieces in id order."""
+    work = Path(work_dir)
+    features = QuPathGeoJsonWriter(work / "features.geojson.gz", slide_name=slide_name)
+    texts = []
+    with NucleusTableWriter(work / f"{index:07d}.parquet") as table:
+        for offset, record in enumerate(iter_tile_records(work, index)):
+            texts.append(features.feature_text(record, first_id + offset))
+            table.write(record, first_id + offset)
+    body = ",\n".join(texts)
+    (work / f"{index:07d}.features.gz").write_bytes(gzip.compress(((",\n" if leading_comma else "") + body).encode(), 6))
+    return len(texts)
 
 
 def write_label_shard(core: Box, sources: list[tuple[Tile, int]], zarr_path: str, work_dir: str) -> int:

@@ -28,7 +28,7 @@ FORMAT_NAME = "wsi-grunet-checkpoint"
 FORMAT_VERSION = 1
 PACKAGED_DIR = Path(__file__).resolve().parent.parent / "weights"
 PACKAGED_NAME = "grunet_default"
-REQUIRED_KEYS = ("format", "format_version", "architecture", "mpp", "patch_size", "threshold", "trained")
+REQUIRED_KEYS = ("format", "format_version", "architecture", "mpp", "patch_size", "threshold", "trained", "sha256")
 
 
 @dataclass
@@ -156,7 +156,7 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> ModelBundle:
     if not tensor_path.exists():
         raise CheckpointError(f"{tensor_path}: checkpoint tensor file is missing")
     digest = _sha256(tensor_path)
-    if verify_hash and meta.get("sha256") and meta["sha256"] != digest:
+    if verify_hash and meta["sha256"] != digest:
         raise CheckpointError(f"{tensor_path}: SHA-256 does not match {json_path.name}; the file is damaged or replaced")
     try:
         tensors = load_file(str(tensor_path))

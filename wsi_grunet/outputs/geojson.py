@@ -16,7 +16,9 @@ import gzip
 import json
 import math
 import os
+import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import shapely
@@ -148,10 +150,34 @@ class QuPathGeoJsonWriter:
             },
         }
 
+    def feature_text(self, record: NucleusRecord, nucleus_id: int) -> str:
+        """One feature serialised as compact JSON (what :meth:`write` appends)."""
+        return json.dumps(self.feature(record, nucleus_id), separators=(",", ":"), allow_nan=False)
+
     def write(self, record: NucleusRecord, nucleus_id: int) -> None:
         """Append one nucleus. ``nucleus_id`` is its slide-wide id (also stored as a measurement)."""
         if self._file is None:
             raise OutputError(f"{self.path}: writer is not open (use it as a context manager)")
-        text = json.dumps(self.feature(record, nucleus_id), separators=(",", ":"), allow_nan=False)
+        text = self.feature_text(record, nucleus_id)
         self._file.write(text if self._count == 0 else ",\n" + text)
         self._count += 1
+
+
+def assemble_gzip_collection(path: str | os.PathLike, pieces: Iterable[Path], compresslevel: int = 6) -> None:
+    """Join gzip members, each holding comma-separated features (the first without a leading comma),
+    into one FeatureCollection file. Concatenated gzip members are one valid gzip stream (RFC 1952),
+    which Python and Java (QuPath) read as a whole; pieces are copied, never held in memory together.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as out:
+            out.write(gzip.compress(_HEADER.encode(), compresslevel))
+            for piece in pieces:
+                with open(piece, "rb") as handle:
+                    shutil.copyfileobj(handle, out)
+            out.write(gzip.compress(_FOOTER.encode(), compresslevel))
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write GeoJSON ({exc.strerror or exc})") from None
