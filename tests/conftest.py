@@ -15,3 +15,15 @@ def shared_dir() -> Path:
     if not (SHARED_DIR / "README.md").exists():
         pytest.skip(f"{SHARED_DIR} is absent: this test needs the shared slides and datasets")
     return SHARED_DIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Narrow models gain nothing from intra-op threads, and spinning OpenMP workers slow down badly
+    when another process shares the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

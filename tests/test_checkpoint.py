@@ -33,14 +33,7 @@ META = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Narrow models gain nothing from intra-op threads, and spinning OpenMP workers slow down badly
-    when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_trained_model(seed: int = 0) -> GRUNet:

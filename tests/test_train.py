@@ -30,14 +30,7 @@ TINY = TrainConfig(base_filters=4, attention_width=8, crop=64, batch_size=4, lr=
                    device="cpu", amp="off", colour_jitter=0.05)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Narrow models gain nothing from intra-op threads, and spinning OpenMP workers slow down badly
-    when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def disc_image(size: int, rng: np.random.Generator, max_discs: int = 40) -> tuple[np.ndarray, np.ndarray]:
