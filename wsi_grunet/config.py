@@ -17,7 +17,16 @@ import yaml
 
 from .errors import ConfigError
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+def config_file(name: str) -> Path:
+    """A file of ``configs/``: the source tree's when running from it, else the installed copy."""
+    source = Path(__file__).resolve().parent.parent / "configs" / name
+    if source.exists():
+        return source
+    installed = Path(__file__).resolve().parent / "configs" / name
+    return installed
+
+
+DEFAULT_CONFIG_PATH = config_file("default.yaml")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
+from ..config import config_file
 from ..errors import ConfigError
 
-DATASETS_YAML = Path(__file__).resolve().parent.parent.parent / "configs" / "datasets.yaml"
+DATASETS_YAML = config_file("datasets.yaml")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LABEL_DIR_NAMES = ("labels_instance", "masks_instance_filled", "masks_instance")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..config import build_dataclass, read_yaml
+from ..config import build_dataclass, config_file, read_yaml
 from ..errors import ConfigError
 from ..model.checkpoint import checkpoint_paths, save_checkpoint
 from ..model.grunet import GRUNet, GRUNetConfig
@@ -30,7 +30,7 @@ from .augment import random_dihedral, stain_jitter
 from .data import Sample, distance_target, load_dataset
 
 log = logging.getLogger(__name__)
-TRAIN_CONFIG_PATH = Path(__file__).resolve().parent.parent.parent / "configs" / "train.yaml"
+TRAIN_CONFIG_PATH = config_file("train.yaml")
 
 
 @dataclass(frozen=True)
