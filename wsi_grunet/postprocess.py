@@ -224,17 +224,35 @@ def _smooth_within_components(values: np.ndarray, components: np.ndarray, sigma:
     return out
 
 
+def _h_domes(dist: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """h-maxima domes by reconstruction, one component at a time.
+
+    Seed = d, ceiling = d + h inside the component and 0 outside, so reconstruction never carries
+    values from one component to another through the background; the result equals the classic
+    reconstruction of d - h under d, shifted up by h. Working on each component's bounding box
+    (plus a one-pixel background margin) gives the same values as one pass over the whole tile, and
+    is faster because nuclei cover a small part of a tile.
+    """
+    domes = np.zeros(dist.shape, dtype=np.float64)
+    height, width = components.shape
+    for index, box in enumerate(ndi.find_objects(components), start=1):
+        if box is None:
+            continue
+        ys = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, height))
+        xs = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, width))
+        inside = components[ys, xs] == index
+        seed = np.where(inside, dist[ys, xs], 0.0)
+        ceiling = np.where(inside, dist[ys, xs] + MARKER_DYNAMIC_PX, 0.0)
+        domes[ys, xs][inside] = reconstruction(seed, ceiling, method="dilation")[inside]
+    return domes
+
+
 def _distance_maxima(dist: np.ndarray, components: np.ndarray, min_distance_px: float) -> np.ndarray:
     """Watershed markers from the distance transform: maxima with dynamic >= MARKER_DYNAMIC_PX,
     then, per component, greedy suppression of markers closer than ``min_distance_px`` to a
     higher one. Returns an int32 marker image (0 = none)."""
     foreground = components > 0
-    # h-maxima by reconstruction. Seed = d, ceiling = d + h inside the foreground and 0 outside, so
-    # reconstruction never carries values from one component to another through the background.
-    # The result equals the classic reconstruction of d - h under d, shifted up by h.
-    seed = np.where(foreground, dist, 0.0)
-    ceiling = np.where(foreground, dist + MARKER_DYNAMIC_PX, 0.0)
-    domes = reconstruction(seed, ceiling, method="dilation")
+    domes = _h_domes(dist, components)
     # Regional maxima of the reconstruction: maxima of d that rise at least h above every saddle
     # towards a higher (or equally high) maximum; shallower maxima merge into one plateau.
     tops = foreground & local_maxima(domes, connectivity=2, allow_borders=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ def process_tile(
         records = nuclei_records(owned.labels, prob, (tile.read.y0, tile.read.x0), model_mpp, level0_per_model)
     with open(records_path, "w") as handle:
         for record in records:
-            row = asdict(record)
+            row = {f.name: getattr(record, f.name) for f in fields(record)}  # asdict would deep-copy polygons
             row["polygon"] = shapely.to_wkt(record.polygon, rounding_precision=3)
             handle.write(json.dumps(row) + "\n")
     return {"index": tile.index, "count": len(records), "cut_groups": owned.n_in_cut_groups,
