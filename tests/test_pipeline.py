@@ -207,3 +207,18 @@ def test_cmu_slide_with_small_model(tiny_checkpoint, shared_dir, tmp_path):
     assert report["slide"]["mpp_used"] == pytest.approx(0.499, abs=1e-3)
     assert report["counts"]["model_shape"] == [2961, 2216] or report["counts"]["model_shape"][0] > 2900
     assert check_qupath_feature_collection(out / "CMU-1-Small-Region" / "nuclei.geojson.gz") == []
+
+
+def test_failure_mid_slide_leaves_no_result(tiny_checkpoint, tmp_path):
+    """A nucleus larger than the halo stops the slide loudly; nothing half-written is left behind."""
+    slide = tmp_path / "s.svs"
+    write_synthetic_slide(slide, 512, 512, mpp=MPP, levels=1)
+    out = tmp_path / "results"
+    # Threshold 0 makes the whole tile one object: far larger than the halo.
+    code = main(["run", str(slide), "--out", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu",
+                 "--workers", "1", "--tile-size", "256", "--halo", "32", "--no-tissue-detection", "--quiet",
+                 "--set", "postprocess.threshold=0.0", "postprocess.min_area_um2=0.0"])
+    assert code == 1
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["failed"] == 1 and "halo" in summary["slides"][0]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["run_summary.json"]

@@ -107,62 +107,82 @@ def _select_tiles(reader: SlideReader, tiles: list[Tile], cfg: RunConfig) -> tup
     return [t for t in tiles if tile_has_tissue(mask, thumb_um, t.read, reader.target_mpp)], thumb, thumb_um
 
 
-def _infer_tiles(client: Client, predictor: Predictor, reader: SlideReader, tiles: list[Tile], cfg: RunConfig,
-                 params: PostprocessParams, zarr_path: Path, work_dir: Path, progress: bool) -> tuple[list[dict], dict]:
-    """Read (workers) -> predict in batches (here) -> post-process (workers), with bounded memory."""
-    timings = {"inference_s": 0.0, "read_wait_s": 0.0}
-    path, mpp, override = str(reader.path), reader.target_mpp, reader.mpp_override
-    pending = deque(tiles)
-    in_flight = as_completed()
-    post_futures = []
-    tile_of: dict[str, Tile] = {}
-    results: list[dict] = []
-    # On CPU a batch gives no speed-up and delays post-processing: run tiles one by one there.
-    batch_size = cfg.model.batch_size if predictor.device.type == "cuda" else 1
-    limit = max(cfg.cluster.tiles_in_flight, batch_size)
-    bar = tqdm(total=len(tiles), desc=Path(reader.path).name, unit="tile", disable=not progress)
+class _TileLane:
+    """Read (workers) -> predict in batches (this process) -> post-process (workers).
 
-    def top_up() -> None:
-        busy = in_flight.count() + sum(1 for f in post_futures if not f.done())
-        while pending and busy < limit:
+    At most ``limit`` tiles are between read and post-processed, which bounds memory whatever the
+    slide size. On CPU tiles go one at a time: batching gives no speed-up there and delays
+    post-processing.
+    """
+
+    def __init__(self, client: Client, predictor: Predictor, reader: SlideReader, cfg: RunConfig,
+                 params: PostprocessParams, zarr_path: Path, work_dir: Path) -> None:
+        self.client, self.predictor, self.reader, self.cfg, self.params = client, predictor, reader, cfg, params
+        self.zarr_path, self.work_dir = str(zarr_path), str(work_dir)
+        self.batch_size = cfg.model.batch_size if predictor.device.type == "cuda" else 1
+        self.limit = max(cfg.cluster.tiles_in_flight, self.batch_size)
+        self.reads = as_completed()
+        self.tile_of: dict[str, Tile] = {}
+        self.post: list = []
+        self.results: list[dict] = []
+        self.timings = {"inference_s": 0.0, "read_wait_s": 0.0}
+
+    def _top_up(self, pending: deque) -> None:
+        busy = self.reads.count() + sum(1 for f in self.post if not f.done())
+        reader = self.reader
+        while pending and busy < self.limit:
             tile = pending.popleft()
-            future = client.submit(read_tile, path, mpp, override, tile.read, pure=False, priority=-tile.index)
-            tile_of[future.key] = tile
-            in_flight.add(future)
+            future = self.client.submit(read_tile, str(reader.path), reader.target_mpp, reader.mpp_override,
+                                        tile.read, pure=False, priority=-tile.index)
+            self.tile_of[future.key] = tile
+            self.reads.add(future)
             busy += 1
 
-    def drain_post(block: bool) -> None:
-        for future in list(post_futures):
+    def _collect(self, block: bool, bar: tqdm) -> None:
+        for future in list(self.post):
             if block or future.done():
-                results.append(future.result())
-                post_futures.remove(future)
+                self.results.append(future.result())
+                self.post.remove(future)
                 bar.update(1)
 
-    top_up()
-    batch: list[tuple[Tile, np.ndarray]] = []
-    while pending or in_flight.count() or batch:
-        wait_start = time.perf_counter()
-        if in_flight.count():
-            future = next(in_flight)
-            timings["read_wait_s"] += time.perf_counter() - wait_start
-            batch.append((tile_of.pop(future.key), future.result()))
-            future.release()
-        full = len(batch) >= batch_size
-        if batch and (full or (not in_flight.count() and not pending)):
-            start = time.perf_counter()
-            outputs = predictor.predict(np.stack([image for _, image in batch]))
-            timings["inference_s"] += time.perf_counter() - start
-            for k, (tile, _) in enumerate(batch):
-                distance = outputs["distance"][k].astype(np.float16) if "distance" in outputs else None
-                post_futures.append(client.submit(
-                    process_tile, tile, outputs["prob"][k].astype(np.float16), distance, reader.model_shape,
-                    cfg.tiling.halo, params, mpp, reader.scale, str(zarr_path), str(work_dir), pure=False))
-            batch = []
-        drain_post(block=False)
-        top_up()
-    drain_post(block=True)
-    bar.close()
-    return sorted(results, key=lambda r: r["index"]), timings
+    def _predict(self, batch: list[tuple[Tile, np.ndarray]]) -> None:
+        start = time.perf_counter()
+        outputs = self.predictor.predict(np.stack([image for _, image in batch]))
+        self.timings["inference_s"] += time.perf_counter() - start
+        reader, cfg = self.reader, self.cfg
+        for k, (tile, _) in enumerate(batch):
+            distance = outputs["distance"][k].astype(np.float16) if "distance" in outputs else None
+            self.post.append(self.client.submit(
+                process_tile, tile, outputs["prob"][k].astype(np.float16), distance, reader.model_shape,
+                cfg.tiling.halo, self.params, reader.target_mpp, reader.scale, self.zarr_path, self.work_dir,
+                pure=False))
+
+    def run(self, tiles: list[Tile], progress: bool) -> list[dict]:
+        pending = deque(tiles)
+        bar = tqdm(total=len(tiles), desc=Path(self.reader.path).name, unit="tile", disable=not progress)
+        try:
+            self._top_up(pending)
+            batch: list[tuple[Tile, np.ndarray]] = []
+            while pending or self.reads.count() or batch:
+                if self.reads.count():
+                    wait_start = time.perf_counter()
+                    future = next(self.reads)
+                    self.timings["read_wait_s"] += time.perf_counter() - wait_start
+                    batch.append((self.tile_of.pop(future.key), future.result()))
+                    future.release()
+                if batch and (len(batch) >= self.batch_size or (not self.reads.count() and not pending)):
+                    self._predict(batch)
+                    batch = []
+                self._collect(block=False, bar=bar)
+                self._top_up(pending)
+            self._collect(block=True, bar=bar)
+        except BaseException:
+            # Stop queued work before the caller removes the temporary folder it writes into.
+            self.client.cancel(list(self.reads.futures) + self.post, force=True)
+            raise
+        finally:
+            bar.close()
+        return sorted(self.results, key=lambda r: r["index"])
 
 
 def _write_labels(client: Client, tiles_all: list[Tile], counts: dict[int, int], grid: tuple[int, int],
@@ -247,9 +267,10 @@ def run_slide(slide: Path, out_root: Path, cfg: RunConfig, bundle: ModelBundle, 
                       levels=cfg.output.pyramid_levels, name=stem)
         params = postprocess_params(bundle, cfg)
         t = time.perf_counter()
-        tile_results, lane = _infer_tiles(client, predictor, reader, tiles, cfg, params, zarr_path, work_dir, progress)
+        lane = _TileLane(client, predictor, reader, cfg, params, zarr_path, work_dir)
+        tile_results = lane.run(tiles, progress)
         timings["tiles_s"] = time.perf_counter() - t
-        timings.update(lane)
+        timings.update(lane.timings)
         counts = {r["index"]: r["count"] for r in tile_results}
         t = time.perf_counter()
         total = _write_labels(client, tiles_all, counts, grid_shape(reader.model_shape, cfg.tiling.tile_size, cfg.tiling.halo), zarr_path, work_dir)
