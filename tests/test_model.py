@@ -179,11 +179,15 @@ def test_eval_mode_is_deterministic():
     assert torch.equal(a, b)
 
 
+def _tile_and_neighbours() -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile and three darker tiles to batch it with."""
+    gen = torch.Generator().manual_seed(3)
+    return torch.rand(1, 3, 64, 64, generator=gen), torch.rand(3, 3, 64, 64, generator=gen) * 0.5
+
+
 def test_per_sample_gate_makes_tiles_independent_of_their_batch():
     model = _trained_bn(small_model())
-    gen = torch.Generator().manual_seed(3)
-    tile = torch.rand(1, 3, 64, 64, generator=gen)
-    others = torch.rand(3, 3, 64, 64, generator=gen) * 0.5
+    tile, others = _tile_and_neighbours()
     with torch.no_grad():
         alone = model(tile)
         first = model(torch.cat([tile, others]))[:1]
@@ -196,9 +200,7 @@ def test_batch_mean_gate_depends_on_batch_composition():
     """The as-written gate averages over the batch: the same tile changes with its neighbours."""
     model = small_model(gate_mode="batch_mean")
     model.load_state_dict(_trained_bn(small_model()).state_dict())
-    gen = torch.Generator().manual_seed(3)
-    tile = torch.rand(1, 3, 64, 64, generator=gen)
-    others = torch.rand(3, 3, 64, 64, generator=gen) * 0.5
+    tile, others = _tile_and_neighbours()
     with torch.no_grad():
         alone = model(tile)
         batched = model(torch.cat([tile, others]))[:1]

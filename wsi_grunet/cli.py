@@ -26,8 +26,6 @@ class UntrainedFilter(logging.Filter):
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
-    for noisy in ("distributed", "bokeh", "tornado"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _mark_untrained(bundle) -> None:
@@ -109,32 +107,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    from .config import load_config
+def _segment_images(cfg, images: str, out: str, image_mpp: float, save_probability: bool, quiet: bool) -> int:
     from .model.checkpoint import resolve_weights
     from .model.predictor import Predictor
     from .pipeline import postprocess_params
     from .segment import segment_folder
 
-    cfg = load_config(args.config, _overrides(args))
     bundle = resolve_weights(cfg.model.weights)
     _mark_untrained(bundle)
     predictor = Predictor(bundle, cfg.model.device, cfg.model.amp, cfg.model.channels_last)
-    results = segment_folder(Path(args.images), Path(args.out), args.image_mpp, bundle, postprocess_params(bundle, cfg),
-                             predictor, save_probability=args.save_probability, progress=not args.quiet)
+    results = segment_folder(Path(images), Path(out), image_mpp, bundle, postprocess_params(bundle, cfg),
+                             predictor, save_probability=save_probability, progress=not quiet)
     failed = [r for r in results if r["status"] != "ok"]
     for r in failed:
         print(f"failed: {r['error']}")
-    print(f"{len(results) - len(failed)} image(s) segmented into {args.out}, {len(failed)} failed; model: {bundle.status_line}")
+    print(f"{len(results) - len(failed)} image(s) segmented into {out}, {len(failed)} failed; model: {bundle.status_line}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, _overrides(args))
+    return _segment_images(cfg, args.images, args.out, args.image_mpp, args.save_probability, args.quiet)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import parse_override
     from .train.loop import load_train_config, train
 
-    overrides = [{k: v for d in [parse_override(s)] for k, v in d.items()} for s in args.set or []]
-    cfg = load_train_config(args.config, overrides)
+    cfg = load_train_config(args.config, [parse_override(text) for text in args.set or []])
     info = train([Path(d) for d in args.data], Path(args.out), cfg, labels_dir=args.labels_dir, mpp=args.data_mpp,
                  progress=not args.quiet)
     print(f"trained {info['step']} steps in {info['minutes']:.1f} min; best validation soft Dice {info['best']:.4f}; "
@@ -145,31 +147,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
+    from .config import load_config
     from .evaluate.evaluate import evaluate_dirs, format_table, write_json
 
-    pred, prob = args.pred, args.prob
-    tmp = None
-    if args.images:
-        if args.image_mpp is None:
-            log.error("--images needs --mpp (the images' microns per pixel)")
-            return EXIT_USAGE
-        tmp = tempfile.TemporaryDirectory(prefix="wsi-grunet-eval-")
-        seg_args = argparse.Namespace(images=args.images, out=tmp.name, image_mpp=args.image_mpp, config=None,
-                                      weights=args.weights, device=args.device, set=None, save_probability=True,
-                                      quiet=args.quiet)
-        if cmd_segment(seg_args) != EXIT_OK:
-            return EXIT_FAILED
-        pred, prob = tmp.name, tmp.name
-    if pred is None:
+    if args.images is None and args.pred is None:
         log.error("give --pred DIR (label images) or --images DIR to predict on the fly")
         return EXIT_USAGE
-    result = evaluate_dirs(Path(pred), Path(args.truth), Path(prob) if prob else None)
+    if args.images is not None and args.image_mpp is None:
+        log.error("--images needs --mpp (the images' microns per pixel)")
+        return EXIT_USAGE
+    with tempfile.TemporaryDirectory(prefix="wsi-grunet-eval-") as tmp:
+        pred, prob = args.pred, args.prob
+        if args.images is not None:
+            cfg = load_config(None, _overrides(args))
+            if _segment_images(cfg, args.images, tmp, args.image_mpp, True, args.quiet) != EXIT_OK:
+                return EXIT_FAILED
+            pred, prob = tmp, tmp
+        result = evaluate_dirs(Path(pred), Path(args.truth), Path(prob) if prob else None)
     print(format_table(result))
     if args.out:
         write_json(result, Path(args.out))
         print(f"metrics written to {args.out}")
-    if tmp is not None:
-        tmp.cleanup()
     return EXIT_OK
 
 

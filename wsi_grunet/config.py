@@ -20,10 +20,7 @@ from .errors import ConfigError
 def config_file(name: str) -> Path:
     """A file of ``configs/``: the source tree's when running from it, else the installed copy."""
     source = Path(__file__).resolve().parent.parent / "configs" / name
-    if source.exists():
-        return source
-    installed = Path(__file__).resolve().parent / "configs" / name
-    return installed
+    return source if source.exists() else Path(__file__).resolve().parent / "configs" / name
 
 
 DEFAULT_CONFIG_PATH = config_file("default.yaml")

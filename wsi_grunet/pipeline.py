@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import Client, as_completed
 from tqdm import tqdm
 
@@ -35,12 +33,12 @@ from .model.checkpoint import ModelBundle
 from .model.predictor import Predictor
 from .outputs.geojson import assemble_gzip_collection
 from .outputs.preview import render_preview
-from .outputs.table import nucleus_schema
+from .outputs.table import assemble_table
 from .outputs.zarr_store import OmeZarrWriter
 from .postprocess import PostprocessParams
 from .slide.reader import SlideReader, open_reader_cached
 from .slide.tissue import tile_has_tissue, tissue_mask
-from .stitch import iter_tile_records, process_tile, write_label_shard, write_tile_vectors
+from .stitch import iter_tile_records, process_tile, tile_files, write_label_shard, write_tile_vectors
 from .tiling import Tile, grid_shape, neighbours, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -210,20 +208,8 @@ def _write_vectors(client: Client, tiles_all: list[Tile], counts: dict[int, int]
         futures.append(client.submit(write_tile_vectors, index, first_id, n > 0, stem, str(work_dir), pure=False))
         first_id += counts[index]
     written = sum(client.gather(futures))
-    assemble_gzip_collection(tmp_dir / "nuclei.geojson.gz", (work_dir / f"{i:07d}.features.gz" for i in owners))
-    tables = (pq.read_table(work_dir / f"{i:07d}.parquet") for i in owners)
-    partial = tmp_dir / "nuclei.parquet.partial"
-    with pq.ParquetWriter(partial, nucleus_schema(), compression="zstd") as writer:
-        batch, rows = [], 0
-        for table in tables:
-            batch.append(table)
-            rows += table.num_rows
-            if rows >= 50_000:
-                writer.write_table(pa.concat_tables(batch))
-                batch, rows = [], 0
-        if batch:
-            writer.write_table(pa.concat_tables(batch))
-    os.replace(partial, tmp_dir / "nuclei.parquet")
+    assemble_gzip_collection(tmp_dir / "nuclei.geojson.gz", (tile_files(work_dir, i).features for i in owners))
+    assemble_table(tmp_dir / "nuclei.parquet", (tile_files(work_dir, i).table for i in owners))
 
     def polygons():
         for index in owners:

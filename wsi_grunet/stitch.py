@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import shapely
@@ -28,8 +29,19 @@ from .postprocess import PostprocessParams, label_nuclei
 from .tiling import Tile
 
 
-def tile_files(work_dir: Path, index: int) -> tuple[Path, Path]:
-    return work_dir / f"{index:07d}.labels.npz", work_dir / f"{index:07d}.nuclei.jsonl"
+class TileFiles(NamedTuple):
+    """A tile's intermediate files in the slide's work folder."""
+
+    labels: Path  # owned instances over the read box (npz, local ids)
+    nuclei: Path  # measured polygons, one JSON line per owned nucleus
+    features: Path  # GeoJSON features with global ids (one gzip member)
+    table: Path  # Parquet rows with global ids
+
+
+def tile_files(work_dir: str | Path, index: int) -> TileFiles:
+    stem = Path(work_dir) / f"{index:07d}"
+    return TileFiles(*(stem.with_name(stem.name + suffix) for suffix in (".labels.npz", ".nuclei.jsonl",
+                                                                           ".features.gz", ".parquet")))
 
 
 def process_tile(
@@ -44,12 +56,12 @@ def process_tile(
     OmeZarrWriter.open(zarr_path).write_probability(tile.core, prob[core_in_read.slices()])
     labels = label_nuclei(prob, model_mpp, params, distance)
     owned = owned_instances(labels, tile.read, tile.core, slide_shape, halo, mpp=model_mpp)
-    labels_path, records_path = tile_files(Path(work_dir), tile.index)
+    files = tile_files(work_dir, tile.index)
     records = []
     if owned.count:
-        np.savez_compressed(labels_path, labels=owned.labels)
+        np.savez_compressed(files.labels, labels=owned.labels)
         records = nuclei_records(owned.labels, prob, (tile.read.y0, tile.read.x0), model_mpp, level0_per_model)
-    with open(records_path, "w") as handle:
+    with open(files.nuclei, "w") as handle:
         for record in records:
             row = {f.name: getattr(record, f.name) for f in fields(record)}  # asdict would deep-copy polygons
             row["polygon"] = shapely.to_wkt(record.polygon, rounding_precision=3)
@@ -60,7 +72,7 @@ def process_tile(
 
 def iter_tile_records(work_dir: Path, index: int):
     """Yield the NucleusRecords a tile owns, in local id order (streamed from disk)."""
-    _, records_path = tile_files(work_dir, index)
+    records_path = tile_files(work_dir, index).nuclei
     if not records_path.exists():
         return
     with open(records_path) as handle:
@@ -73,15 +85,15 @@ def iter_tile_records(work_dir: Path, index: int):
 def write_tile_vectors(index: int, first_id: int, leading_comma: bool, slide_name: str, work_dir: str) -> int:
     """Serialise a tile's nuclei (ids first_id, first_id+1, ...) as a gzip member of GeoJSON features
     and a small Parquet piece; the main process joins the pieces in id order."""
-    work = Path(work_dir)
-    features = QuPathGeoJsonWriter(work / "features.geojson.gz", slide_name=slide_name)
+    files = tile_files(work_dir, index)
+    features = QuPathGeoJsonWriter(files.features.with_suffix(".geojson.gz"), slide_name=slide_name)  # serialiser only
     texts = []
-    with NucleusTableWriter(work / f"{index:07d}.parquet") as table:
-        for offset, record in enumerate(iter_tile_records(work, index)):
+    with NucleusTableWriter(files.table) as table:
+        for offset, record in enumerate(iter_tile_records(work_dir, index)):
             texts.append(features.feature_text(record, first_id + offset))
             table.write(record, first_id + offset)
     body = ",\n".join(texts)
-    (work / f"{index:07d}.features.gz").write_bytes(gzip.compress(((",\n" if leading_comma else "") + body).encode(), 6))
+    files.features.write_bytes(gzip.compress(((",\n" if leading_comma else "") + body).encode(), 6))
     return len(texts)
 
 
@@ -89,7 +101,7 @@ def write_label_shard(core: Box, sources: list[tuple[Tile, int]], zarr_path: str
     """Paint the nuclei owned by ``sources`` (tile, id offset) into ``core``; first owner wins overlaps."""
     out = np.zeros(core.shape, np.int32)
     for tile, offset in sorted(sources, key=lambda s: s[0].index):
-        labels_path, _ = tile_files(Path(work_dir), tile.index)
+        labels_path = tile_files(work_dir, tile.index).labels
         if not labels_path.exists():
             continue
         overlap = tile.read.intersect(core)

@@ -10,6 +10,7 @@ name only when the writer closes without error; a table with zero rows is still 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ _UNITS = {
     "minor_axis_um": "um",
 }
 POSITION_COLUMNS = ("centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+ROWS_PER_GROUP = 50_000
 COLUMNS = ("id",) + POSITION_COLUMNS + tuple(attr for attr, _ in MEASUREMENTS)
 
 
@@ -39,7 +41,7 @@ def nucleus_schema() -> pa.Schema:
 class NucleusTableWriter:
     """Context manager streaming :class:`NucleusRecord` rows to a Parquet file."""
 
-    def __init__(self, path: str | os.PathLike, rows_per_group: int = 50_000, compression: str = "zstd") -> None:
+    def __init__(self, path: str | os.PathLike, rows_per_group: int = ROWS_PER_GROUP, compression: str = "zstd") -> None:
         if rows_per_group < 1:
             raise ValueError(f"rows_per_group must be >= 1, got {rows_per_group}")
         self.path = Path(path)
@@ -106,3 +108,29 @@ class NucleusTableWriter:
             raise OutputError(f"{self.path}: cannot write nucleus table ({exc})") from None
         finally:
             self._writer = None
+
+
+def assemble_table(path: str | os.PathLike, pieces: Iterable[Path], rows_per_group: int = ROWS_PER_GROUP) -> None:
+    """Join Parquet pieces written by :class:`NucleusTableWriter`, in order, into one table file.
+
+    Pieces are read one at a time and written in row groups of about ``rows_per_group`` rows; the file
+    appears under its final name only when complete.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with pq.ParquetWriter(partial, nucleus_schema(), compression="zstd") as writer:
+            batch, rows = [], 0
+            for piece in pieces:
+                table = pq.read_table(piece)
+                batch.append(table)
+                rows += table.num_rows
+                if rows >= rows_per_group:
+                    writer.write_table(pa.concat_tables(batch))
+                    batch, rows = [], 0
+            if batch:
+                writer.write_table(pa.concat_tables(batch))
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the nucleus table ({exc.strerror or exc})") from None
