@@ -33,7 +33,8 @@ VARIANTS = {
 
 
 def _train_one(name: str, folders: list[str], work: str, minutes: float, extra: dict) -> None:
-    from wsi_grunet.train.loop import load_train_config, train
+    from wsi_grunet.config import load_train_config
+    from wsi_grunet.train.loop import train
 
     cfg = load_train_config(None, [{**VARIANTS[name], "max_minutes": minutes, "max_steps": 100000, **extra}])
     info = train([Path(f) for f in folders], Path(work) / name / "model", cfg, progress=False)
@@ -43,7 +44,8 @@ def _train_one(name: str, folders: list[str], work: str, minutes: float, extra: 
 def _validation_items(name: str, folders: list[str], work: str):
     from wsi_grunet.model.checkpoint import load_checkpoint
     from wsi_grunet.model.predictor import Predictor, predict_image
-    from wsi_grunet.train.loop import load_train_config, load_training_data
+    from wsi_grunet.config import load_train_config
+    from wsi_grunet.train.loop import load_training_data
     from wsi_grunet.train.tune import ValidationItem
 
     bundle = load_checkpoint(Path(work) / name / "model")

@@ -20,7 +20,8 @@ import numpy as np
 from wsi_grunet.model.checkpoint import checkpoint_paths, packaged_weights, resolve_weights
 from wsi_grunet.model.predictor import Predictor
 from wsi_grunet.segment import predict_tiled
-from wsi_grunet.train.loop import load_train_config, load_training_data
+from wsi_grunet.config import load_train_config
+from wsi_grunet.train.loop import load_training_data
 from wsi_grunet.train.tune import ValidationItem, tune_postprocess
 
 

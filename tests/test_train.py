@@ -21,7 +21,8 @@ from wsi_grunet.model.grunet import GRUNet, GRUNetConfig
 from wsi_grunet.postprocess import PostprocessParams, label_nuclei
 from wsi_grunet.train.augment import random_dihedral, stain_jitter
 from wsi_grunet.train.data import dataset_spec, known_datasets, load_dataset
-from wsi_grunet.train.loop import TrainConfig, segmentation_loss, train
+from wsi_grunet.config import TrainConfig
+from wsi_grunet.train.loop import segmentation_loss, train
 from wsi_grunet.train.tune import ValidationItem, default_grid, tune_postprocess
 
 PINK = (235, 170, 205)

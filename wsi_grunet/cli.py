@@ -134,7 +134,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import parse_override
-    from .train.loop import load_train_config, train
+    from .config import load_train_config
+    from .train.loop import train
 
     cfg = load_train_config(args.config, [parse_override(text) for text in args.set or []])
     info = train([Path(d) for d in args.data], Path(args.out), cfg, labels_dir=args.labels_dir, mpp=args.data_mpp,

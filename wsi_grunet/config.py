@@ -201,3 +201,37 @@ def load_config(path: Path | str | None = None, overrides: list[dict[str, Any]] 
         data = _deep_merge(data, override)
     where = str(path) if path is not None else ""
     return build_dataclass(RunConfig, data, where)
+
+
+TRAIN_CONFIG_PATH = config_file("train.yaml")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mpp: float = 0.5
+    crop: int = 256
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    max_steps: int = 20000
+    max_minutes: float | None = None
+    val_every: int = 250
+    seed: int = 0
+    base_filters: int = 32
+    attention_width: int = 256
+    aux_distance_head: bool = False
+    distance_weight: float = 1.0
+    amp: str = "bf16"
+    colour_jitter: float = 0.05
+    device: str = "auto"
+
+
+def load_train_config(path: str | Path | None, overrides: list[dict[str, Any]] | None = None) -> TrainConfig:
+    data: dict[str, Any] = read_yaml(TRAIN_CONFIG_PATH) if TRAIN_CONFIG_PATH.exists() else {}
+    if path is not None:
+        data.update(read_yaml(Path(path)))
+    for override in overrides or []:
+        data.update(override)
+    return build_dataclass(TrainConfig, data, str(path or "train config"))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..config import build_dataclass, config_file, read_yaml
+from ..config import TrainConfig
 from ..errors import ConfigError
 from ..model.checkpoint import checkpoint_paths, save_checkpoint
 from ..model.grunet import GRUNet, GRUNetConfig
@@ -30,38 +30,6 @@ from .augment import random_dihedral, stain_jitter
 from .data import Sample, distance_target, load_dataset
 
 log = logging.getLogger(__name__)
-TRAIN_CONFIG_PATH = config_file("train.yaml")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    mpp: float = 0.5
-    crop: int = 256
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    max_steps: int = 20000
-    max_minutes: float | None = None
-    val_every: int = 250
-    seed: int = 0
-    base_filters: int = 32
-    attention_width: int = 256
-    aux_distance_head: bool = False
-    distance_weight: float = 1.0
-    amp: str = "bf16"
-    colour_jitter: float = 0.05
-    device: str = "auto"
-
-
-def load_train_config(path: str | Path | None, overrides: list[dict[str, Any]] | None = None) -> TrainConfig:
-    data: dict[str, Any] = read_yaml(TRAIN_CONFIG_PATH) if TRAIN_CONFIG_PATH.exists() else {}
-    if path is not None:
-        data.update(read_yaml(Path(path)))
-    for override in overrides or []:
-        data.update(override)
-    return build_dataclass(TrainConfig, data, str(path or "train config"))
 
 
 @dataclass
