@@ -21,7 +21,9 @@ from wsi_grunet.cli import main
 from wsi_grunet.config import load_config
 from wsi_grunet.model.checkpoint import load_checkpoint
 from wsi_grunet.model.predictor import Predictor, predict_image
-from wsi_grunet.pipeline import postprocess_params, run_slide
+from wsi_grunet.inference import DriverBackend, WorkerBackend, make_predictor, read_tile, tile_maps
+from wsi_grunet.pipeline import finish_slide, postprocess_params, prepare_slide, run_slide
+from wsi_grunet.tile_work import process_tile
 from wsi_grunet.postprocess import label_nuclei
 from wsi_grunet.slide.reader import SlideReader
 from wsi_grunet.geometry import Box
@@ -99,7 +101,9 @@ def test_tiled_output_equals_single_pass(disc_checkpoint, client, tmp_path):
     assert len(expected) >= 10, "the test slide should hold many nuclei away from its edge"
     for tile, halo in ((256, 64), (384, 96)):
         out = tmp_path / f"out{tile}"
-        result = run_slide(slide, out, _cfg(disc_checkpoint, tile, halo), bundle, predictor, client, progress=False)
+        cfg = _cfg(disc_checkpoint, tile, halo)
+        backend = DriverBackend(client, make_predictor(bundle, cfg.model), cfg)
+        result = run_slide(slide, "discs", out, cfg, bundle, backend, client, progress=False)
         assert result.status == "ok"
         root = zarr.open_group(str(out / "discs" / "discs.ome.zarr"), mode="r")
         stitched = root["0"][:].astype(np.float32) / 255
@@ -222,3 +226,78 @@ def test_failure_mid_slide_leaves_no_result(tiny_checkpoint, tmp_path):
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["failed"] == 1 and "halo" in summary["slides"][0]["error"]
     assert sorted(p.name for p in out.iterdir()) == ["run_summary.json"]
+
+
+@pytest.fixture(scope="module")
+def gpu_client():
+    """Workers that advertise the GPU resource (the model runs on them, here on their CPU)."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      resources={"GPU": 1}) as cluster, Client(cluster) as c:
+        yield c
+
+
+def _zarr_outputs(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    root = zarr.open_group(str(folder / f"{name}.ome.zarr"), mode="r")
+    return root["0"][:], root["labels/nuclei/0"][:]
+
+
+def _features(folder: Path) -> list[dict]:
+    with gzip.open(folder / "nuclei.geojson.gz", "rt") as handle:
+        return json.load(handle)["features"]
+
+
+def test_worker_backend_equals_driver_backend(disc_checkpoint, client, gpu_client, tmp_path):
+    """The model on GPU-resource workers gives exactly the driver backend's outputs, for two tile sizes."""
+    slide = tmp_path / "discs.svs"
+    write_synthetic_slide(slide, 640, 448, mpp=MPP, levels=1, seed=7)
+    bundle = load_checkpoint(disc_checkpoint)
+    for tile, halo in ((256, 64), (384, 96)):
+        cfg = _cfg(disc_checkpoint, tile, halo)
+        driver = run_slide(slide, "discs", tmp_path / f"driver{tile}", cfg, bundle,
+                           DriverBackend(client, make_predictor(bundle, cfg.model), cfg), client, progress=False)
+        workers = run_slide(slide, "discs", tmp_path / f"workers{tile}", cfg, bundle,
+                            WorkerBackend(gpu_client, bundle, cfg), gpu_client, progress=False)
+        assert driver.status == workers.status == "ok" and driver.nuclei == workers.nuclei > 10
+        report = json.loads((tmp_path / f"workers{tile}" / "discs" / "report.json").read_text())
+        assert report["model"]["inference"]["backend"] == "workers"
+        prob_d, labels_d = _zarr_outputs(tmp_path / f"driver{tile}" / "discs", "discs")
+        prob_w, labels_w = _zarr_outputs(tmp_path / f"workers{tile}" / "discs", "discs")
+        assert np.array_equal(prob_d, prob_w) and np.array_equal(labels_d, labels_w)
+        assert _features(tmp_path / f"driver{tile}" / "discs") == _features(tmp_path / f"workers{tile}" / "discs")
+
+
+def test_tile_order_does_not_change_ids_or_outputs(disc_checkpoint, client, tmp_path):
+    """Tiles finishing in another order give the same label image, ids, GeoJSON and table."""
+    slide = tmp_path / "discs.svs"
+    write_synthetic_slide(slide, 640, 448, mpp=MPP, levels=1, seed=7)
+    bundle = load_checkpoint(disc_checkpoint)
+    cfg = _cfg(disc_checkpoint, 256, 64)
+    predictor = make_predictor(bundle, cfg.model)
+    backend = DriverBackend(client, predictor, cfg)
+    in_order = run_slide(slide, "discs", tmp_path / "ordered", cfg, bundle, backend, client, progress=False)
+    work = prepare_slide(slide, "discs", tmp_path / "shuffled", cfg, bundle)
+    tiles = work.plan.tiles_to_run()
+    assert len(tiles) >= 4
+    order = np.random.default_rng(3).permutation(len(tiles))
+    for k in order:
+        outputs = predictor.predict(read_tile(work.plan.reader_args(), tiles[k])[None])
+        work.tile_results.append(process_tile(work.ctx, tiles[k], *tile_maps(outputs, 0)))
+    shuffled = finish_slide(work, client, cfg, bundle, backend)
+    assert shuffled.nuclei == in_order.nuclei > 10
+    a, b = tmp_path / "ordered" / "discs", tmp_path / "shuffled" / "discs"
+    assert np.array_equal(_zarr_outputs(a, "discs")[1], _zarr_outputs(b, "discs")[1])
+    assert _features(a) == _features(b)
+    assert pq.read_table(a / "nuclei.parquet").equals(pq.read_table(b / "nuclei.parquet"))
+
+
+def test_driver_blocks_instead_of_spinning(tiny_checkpoint, client, tmp_path):
+    """With the in-flight bound taken by post-processing, the driver waits for a task instead of looping."""
+    slide = tmp_path / "s.svs"
+    write_synthetic_slide(slide, 512, 512, mpp=MPP, levels=1)
+    bundle = load_checkpoint(tiny_checkpoint)
+    cfg = _cfg(tiny_checkpoint, 256, 64, cluster={"tiles_in_flight": 1}, tissue={"enabled": False})
+    backend = DriverBackend(client, make_predictor(bundle, cfg.model), cfg)
+    result = run_slide(slide, "s", tmp_path / "out", cfg, bundle, backend, client, progress=False)
+    assert result.status == "ok" and result.tiles == 4
+    wakeups = json.loads((tmp_path / "out" / "s" / "report.json").read_text())["timings"]["driver_wakeups"]
+    assert wakeups <= 3 * result.tiles + 2, f"{wakeups} driver loop turns for {result.tiles} tiles"

@@ -59,13 +59,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .model.checkpoint import resolve_weights
-    from .pipeline import run_cohort
+    from .cohort import run_cohort
     from .slide.reader import find_slides
 
     for noisy in ("distributed", "bokeh", "tornado"):  # distributed configures its loggers on import
         logging.getLogger(noisy).setLevel(logging.ERROR)
     cfg = load_config(args.config, _overrides(args))
     slides = find_slides([Path(p) for p in args.slides])
+    if slides and isinstance(slides[0], Path):  # until discovery names outputs itself
+        from types import SimpleNamespace
+
+        slides = [SimpleNamespace(path=p, name=p.name.split(".")[0]) for p in slides]
     if not slides:
         log.error("no slide files found in %s", ", ".join(args.slides))
         return EXIT_USAGE

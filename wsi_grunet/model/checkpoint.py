@@ -55,6 +55,8 @@ class ModelBundle:
 
     @property
     def status_line(self) -> str:
+        if self.source == "null-model":
+            return "NULL MODEL (colour deconvolution stand-in, not GRU-Net): for benchmarking the pipeline only"
         if self.trained:
             return f"GRU-Net weights {self.source} (sha256 {str(self.sha256)[:12]}, {self.mpp} um/px)"
         return "UNTRAINED GRU-Net (random weights): outputs are not meaningful nucleus segmentations"
@@ -200,8 +202,20 @@ def untrained_bundle(config: GRUNetConfig | None = None, mpp: float = 0.5, seed:
     return ModelBundle(model=model, metadata=meta, source="untrained (random initialisation)")
 
 
+NULL_MODEL = "null-model"
+
+
+def null_model_bundle(mpp: float = 0.5) -> ModelBundle:
+    """The cheap colour-deconvolution stand-in for the network (benchmarks of the non-model path)."""
+    meta = {"mpp": mpp, "threshold": 0.5, "trained": False, "architecture": {"name": NULL_MODEL}, "postprocess": {}}
+    return ModelBundle(model=None, metadata=meta, source=NULL_MODEL, sha256=NULL_MODEL)  # type: ignore[arg-type]
+
+
 def resolve_weights(weights: str | None) -> ModelBundle:
-    """``None``: the packaged default (or an untrained model when none is packaged); else a path."""
+    """``None``: the packaged default (or an untrained model when none is packaged); "untrained";
+    "null-model" (not a network: haematoxylin-based probabilities); else a checkpoint path."""
+    if weights == NULL_MODEL:
+        return null_model_bundle()
     if weights is None:
         packaged = packaged_weights()
         return load_checkpoint(packaged) if packaged else untrained_bundle()

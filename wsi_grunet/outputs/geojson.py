@@ -33,6 +33,7 @@ QUPATH_PRECISION_PX = 0.01
 MEASUREMENT_DECIMALS = 4
 _HEADER = '{"type":"FeatureCollection","features":[\n'
 _FOOTER = "\n]}\n"
+DEFAULT_CLASSIFICATION = {"name": "Nucleus", "color": [255, 200, 0]}
 
 
 def nucleus_uuid(slide_name: str, nucleus_id: int) -> str:
@@ -58,6 +59,47 @@ def _polygonal(geom) -> Polygon | MultiPolygon:
         return geom
     parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, Polygon) and not g.is_empty]
     return MultiPolygon(parts) if len(parts) > 1 else (parts[0] if parts else Polygon())
+
+
+def nucleus_feature(record: NucleusRecord, nucleus_id: int, slide_name: str,
+                    classification: dict | None = None, where: str = "GeoJSON") -> dict:
+    """The QuPath detection Feature of one nucleus: the one definition of the record format."""
+    geom = _polygonal(shapely.set_precision(record.polygon, QUPATH_PRECISION_PX))
+    if geom.is_empty:
+        raise OutputError(f"{where}: nucleus {nucleus_id} has no area at QuPath's 0.01 px precision")
+    # Precision reduction may re-order rings; keep exteriors counter-clockwise (x right, y up terms).
+    geom = shapely.orient_polygons(geom)
+    # Four decimals are far below measurement noise and keep the file small.
+    measurements = {name: round(value, MEASUREMENT_DECIMALS) for name, value in record.measurements().items()}
+    measurements["Nucleus id"] = int(nucleus_id)
+    bad = [name for name, value in measurements.items() if not math.isfinite(value)]
+    if bad:
+        raise OutputError(f"{where}: nucleus {nucleus_id} has non-finite measurement(s) {', '.join(bad)}")
+    return {
+        "type": "Feature",
+        "id": nucleus_uuid(slide_name, nucleus_id),
+        "geometry": geometry_json(geom),
+        "properties": {
+            "objectType": "detection",
+            "classification": classification or DEFAULT_CLASSIFICATION,
+            "measurements": measurements,
+        },
+    }
+
+
+def _compact(feature: dict) -> str:
+    return json.dumps(feature, separators=(",", ":"), allow_nan=False)
+
+
+def write_feature_piece(path: str | os.PathLike, numbered_records: Iterable[tuple[int, NucleusRecord]],
+                        slide_name: str, leading_comma: bool, compresslevel: int = 6) -> int:
+    """One gzip member of comma-separated features (ids given), for :func:`assemble_gzip_collection`.
+    Returns the number of features written."""
+    texts = [_compact(nucleus_feature(record, nucleus_id, slide_name, where=str(path)))
+             for nucleus_id, record in numbered_records]
+    body = ",\n".join(texts)
+    Path(path).write_bytes(gzip.compress(((",\n" if leading_comma and texts else "") + body).encode(), compresslevel))
+    return len(texts)
 
 
 class QuPathGeoJsonWriter:
@@ -128,31 +170,11 @@ class QuPathGeoJsonWriter:
 
     def feature(self, record: NucleusRecord, nucleus_id: int) -> dict:
         """The GeoJSON Feature dict of one nucleus (what :meth:`write` serialises)."""
-        geom = _polygonal(shapely.set_precision(record.polygon, QUPATH_PRECISION_PX))
-        if geom.is_empty:
-            raise OutputError(f"{self.path}: nucleus {nucleus_id} has no area at QuPath's 0.01 px precision")
-        # Precision reduction may re-order rings; keep exteriors counter-clockwise (x right, y up terms).
-        geom = shapely.orient_polygons(geom)
-        # Four decimals are far below measurement noise and keep the file small.
-        measurements = {name: round(value, MEASUREMENT_DECIMALS) for name, value in record.measurements().items()}
-        measurements["Nucleus id"] = int(nucleus_id)
-        bad = [name for name, value in measurements.items() if not math.isfinite(value)]
-        if bad:
-            raise OutputError(f"{self.path}: nucleus {nucleus_id} has non-finite measurement(s) {', '.join(bad)}")
-        return {
-            "type": "Feature",
-            "id": nucleus_uuid(self.slide_name, nucleus_id),
-            "geometry": geometry_json(geom),
-            "properties": {
-                "objectType": "detection",
-                "classification": self.classification,
-                "measurements": measurements,
-            },
-        }
+        return nucleus_feature(record, nucleus_id, self.slide_name, self.classification, where=str(self.path))
 
     def feature_text(self, record: NucleusRecord, nucleus_id: int) -> str:
         """One feature serialised as compact JSON (what :meth:`write` appends)."""
-        return json.dumps(self.feature(record, nucleus_id), separators=(",", ":"), allow_nan=False)
+        return _compact(self.feature(record, nucleus_id))
 
     def write(self, record: NucleusRecord, nucleus_id: int) -> None:
         """Append one nucleus. ``nucleus_id`` is its slide-wide id (also stored as a measurement)."""

@@ -1,0 +1,114 @@
+"""Per-tile work on CPU workers: one tile's probability -> its zarr core, its owned nuclei, their records.
+
+``process_tile``: the probability of a tile's read box -> its core written to the OME-Zarr (each core
+is whole shards, so one writer per shard) -> instances over the read box -> the instances this tile
+owns (centroid in its core) -> saved with their measured polygons in the slide's work folder.
+``write_tile_vectors`` later serialises those records with their slide-wide ids (GeoJSON and Parquet
+pieces that the finishing stage joins in id order).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import shapely
+
+from .outputs.geojson import write_feature_piece
+from .outputs.polygons import NucleusRecord, nuclei_records
+from .outputs.table import NucleusTableWriter
+from .outputs.zarr_store import OmeZarrWriter
+from .ownership import owned_instances
+from .postprocess import PostprocessParams, label_nuclei
+from .tiling import Tile
+
+
+@dataclass(frozen=True)
+class TileContext:
+    """Everything per-tile work needs that is the same for every tile of a slide."""
+
+    model_shape: tuple[int, int]  # slide size in model pixels (height, width)
+    halo: int  # model pixels of context on each side of a core
+    params: PostprocessParams
+    model_mpp: float  # microns per model pixel
+    level0_per_model: float  # level-0 pixels per model pixel (polygons are written in level-0 pixels)
+    work_dir: str  # the slide's temporary work folder
+    zarr_path: str | None  # None: no OME-Zarr is written
+
+
+@dataclass(frozen=True)
+class TileResult:
+    index: int
+    count: int  # nuclei this tile owns
+    cut_groups: int  # owned nuclei in touching groups cut by the read box (see ownership.py)
+    seconds: float
+
+
+class TileFiles(NamedTuple):
+    """A tile's intermediate files in the slide's work folder."""
+
+    labels: Path  # owned instances over the read box (npz, local ids)
+    nuclei: Path  # measured polygons, one JSON line per owned nucleus
+    features: Path  # GeoJSON features with global ids (one gzip member)
+    table: Path  # Parquet rows with global ids
+
+
+def tile_files(work_dir: str | Path, index: int) -> TileFiles:
+    stem = Path(work_dir) / f"{index:07d}"
+    suffixes = (".labels.npz", ".nuclei.jsonl", ".features.gz", ".parquet")
+    return TileFiles(*(stem.with_name(stem.name + suffix) for suffix in suffixes))
+
+
+def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.ndarray | None = None) -> TileResult:
+    """Post-process one tile (probability over its read box, any float dtype)."""
+    start = time.perf_counter()
+    prob = prob.astype(np.float32)
+    distance = None if distance is None else distance.astype(np.float32)
+    if ctx.zarr_path is not None:
+        core_in_read = tile.core.relative_to(tile.read)
+        OmeZarrWriter.open(ctx.zarr_path).write_probability(tile.core, prob[core_in_read.slices()])
+    labels = label_nuclei(prob, ctx.model_mpp, ctx.params, distance)
+    owned = owned_instances(labels, tile.read, tile.core, ctx.model_shape, ctx.halo, mpp=ctx.model_mpp)
+    files = tile_files(ctx.work_dir, tile.index)
+    records = []
+    if owned.count:
+        np.savez_compressed(files.labels, labels=owned.labels)
+        records = nuclei_records(owned.labels, prob, (tile.read.y0, tile.read.x0), ctx.model_mpp,
+                                 ctx.level0_per_model)
+    with open(files.nuclei, "w") as handle:
+        for record in records:
+            row = {f.name: getattr(record, f.name) for f in fields(record)}  # asdict would deep-copy polygons
+            row["polygon"] = shapely.to_wkt(record.polygon, rounding_precision=3)
+            handle.write(json.dumps(row) + "\n")
+    return TileResult(tile.index, len(records), owned.n_in_cut_groups, time.perf_counter() - start)
+
+
+def iter_tile_records(work_dir: str | Path, index: int) -> Iterator[NucleusRecord]:
+    """Yield the NucleusRecords a tile owns, in local id order (streamed from disk)."""
+    records_path = tile_files(work_dir, index).nuclei
+    if not records_path.exists():
+        return
+    with open(records_path) as handle:
+        for line in handle:
+            row = json.loads(line)
+            row["polygon"] = shapely.from_wkt(row["polygon"])
+            yield NucleusRecord(**row)
+
+
+def write_tile_vectors(work_dir: str, index: int, offset: int, leading_comma: bool, slide_name: str,
+                       geojson: bool, table: bool) -> int:
+    """Serialise a tile's nuclei (ids offset+1, offset+2, ...) as a GeoJSON piece and a Parquet piece."""
+    files = tile_files(work_dir, index)
+    numbered = list(enumerate(iter_tile_records(work_dir, index), start=offset + 1))
+    if geojson:
+        write_feature_piece(files.features, numbered, slide_name, leading_comma)
+    if table:
+        with NucleusTableWriter(files.table) as writer:
+            for nucleus_id, record in numbered:
+                writer.write(record, nucleus_id)
+    return len(numbered)
