@@ -276,7 +276,7 @@ def test_text_prior_from_state_dict_changes_outputs():
 
 def test_predictor_matches_model_and_crops_padding():
     bundle = untrained_bundle(GRUNetConfig(**SMALL))
-    predictor = Predictor(bundle, device="cpu")
+    predictor = Predictor(bundle, device="cpu", amp="fp32", threads=1)  # fp32: compared with the plain model
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, size=(2, 32, 48, 3), dtype=np.uint8)
     result = predictor.predict(tiles)
@@ -293,6 +293,6 @@ def test_predictor_matches_model_and_crops_padding():
 
 def test_predictor_returns_distance_for_aux_head():
     bundle = untrained_bundle(GRUNetConfig(**SMALL, aux_distance_head=True))
-    result = Predictor(bundle, device="cpu").predict(np.zeros((1, 16, 32, 3), np.uint8))
+    result = Predictor(bundle, device="cpu", threads=1).predict(np.zeros((1, 16, 32, 3), np.uint8))
     assert set(result) == {"prob", "distance"}
     assert result["distance"].shape == (1, 16, 32)
