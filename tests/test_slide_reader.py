@@ -21,15 +21,9 @@ from synthetic import write_rgb_image, write_synthetic_slide
 from wsi_grunet.errors import MissingMppError, SlideOpenError, SlideReadError
 from wsi_grunet.geometry import Box
 from wsi_grunet.slide import reader as reader_module
-from wsi_grunet.slide.reader import (
-    SlideReader,
-    choose_level,
-    describe,
-    find_slides,
-    geometric_downsamples,
-    inspect_slide,
-    open_reader_cached,
-)
+from wsi_grunet.slide.discovery import find_slides
+from wsi_grunet.slide.reader import SlideReader, describe, inspect_slide, open_reader_cached
+from wsi_grunet.slide.resample import choose_level, geometric_downsamples
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +91,6 @@ def test_missing_file_and_non_slide_raise_slide_open_error(tmp_path):
         SlideReader(fake, 0.5)
     with pytest.raises(SlideOpenError, match="folder"):
         inspect_slide(tmp_path)
-
-
-def test_find_slides(tmp_path):
-    for name in ["b.svs", "a.TIF", "notes.txt", "sub/c.ndpi", "sub/deeper/d.mrxs", "dicom/x_1.dcm",
-                 "dicom/x_0.dcm", "dicom2/y.dcm", ".hidden/e.svs", "sub/.f.svs"]:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-    explicit = tmp_path / "notes.txt"
-    found = find_slides([tmp_path, explicit, tmp_path / "b.svs"])
-    expected = ["a.TIF", "b.svs", "dicom/x_0.dcm", "dicom2/y.dcm", "notes.txt", "sub/c.ndpi", "sub/deeper/d.mrxs"]
-    assert found == sorted((tmp_path / name for name in expected), key=str)
-    with pytest.raises(SlideOpenError, match="no such file"):
-        find_slides([tmp_path / "missing"])
 
 
 def test_choose_level_never_upsamples_when_a_finer_level_exists():
@@ -320,7 +301,7 @@ def test_small_aperio_and_dicom_series(slides_dir, name):
 @pytest.mark.shared
 def test_dicom_series_is_listed_once(slides_dir):
     found = find_slides([slides_dir / "fixtures"])
-    assert [p.name for p in found if p.suffix == ".dcm"] == ["boxes_0.dcm"]
+    assert [(e.path.name, e.name) for e in found if e.path.suffix == ".dcm"] == [("boxes_0.dcm", "fixtures")]
 
 
 @pytest.mark.shared

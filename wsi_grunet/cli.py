@@ -60,16 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .model.checkpoint import resolve_weights
     from .cohort import run_cohort
-    from .slide.reader import find_slides
+    from .slide.discovery import find_slides
 
     for noisy in ("distributed", "bokeh", "tornado"):  # distributed configures its loggers on import
         logging.getLogger(noisy).setLevel(logging.ERROR)
     cfg = load_config(args.config, _overrides(args))
-    slides = find_slides([Path(p) for p in args.slides])
-    if slides and isinstance(slides[0], Path):  # until discovery names outputs itself
-        from types import SimpleNamespace
-
-        slides = [SimpleNamespace(path=p, name=p.name.split(".")[0]) for p in slides]
+    slides = find_slides([Path(p) for p in args.slides])  # unique output names, DICOM series once
     if not slides:
         log.error("no slide files found in %s", ", ".join(args.slides))
         return EXIT_USAGE
@@ -101,11 +97,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .model.checkpoint import resolve_weights
+    from .slide.discovery import find_slides
     from .slide.reader import describe, inspect_slide
 
     bundle = resolve_weights(args.weights)
-    for slide in args.slides:
-        print(describe(inspect_slide(slide), target_mpp=bundle.mpp, mpp_override=args.mpp))
+    for entry in find_slides([Path(p) for p in args.slides]):
+        print(describe(inspect_slide(entry.path), target_mpp=bundle.mpp, mpp_override=args.mpp))
+        print(f"Output name: {entry.name}")
         print()
     print(f"model: {bundle.status_line}")
     return EXIT_OK
