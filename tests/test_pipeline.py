@@ -21,7 +21,7 @@ from wsi_grunet.cli import main
 from wsi_grunet.config import load_config
 from wsi_grunet.model.checkpoint import load_checkpoint
 from wsi_grunet.model.predictor import Predictor, predict_image
-from wsi_grunet.inference import DriverBackend, WorkerBackend, make_predictor, read_tile, tile_maps
+from wsi_grunet.inference import DriverBackend, TileRun, WorkerBackend, make_predictor, read_tile, tile_maps
 from wsi_grunet.pipeline import finish_slide, postprocess_params, prepare_slide, run_slide
 from wsi_grunet.tile_work import process_tile
 from wsi_grunet.postprocess import label_nuclei
@@ -279,9 +279,11 @@ def test_tile_order_does_not_change_ids_or_outputs(disc_checkpoint, client, tmp_
     tiles = work.plan.tiles_to_run()
     assert len(tiles) >= 4
     order = np.random.default_rng(3).permutation(len(tiles))
+    results = []
     for k in order:
         outputs = predictor.predict(read_tile(work.plan.reader_args(), tiles[k])[None])
-        work.tile_results.append(process_tile(work.ctx, tiles[k], *tile_maps(outputs, 0)))
+        results.append(process_tile(work.ctx, tiles[k], *tile_maps(outputs, 0)))
+    work.tile_run = TileRun(results, [], {})
     shuffled = finish_slide(work, client, cfg, bundle, backend)
     assert shuffled.nuclei == in_order.nuclei > 10
     a, b = tmp_path / "ordered" / "discs", tmp_path / "shuffled" / "discs"

@@ -18,6 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -62,10 +63,25 @@ class TaskLedger:
                 log.warning("%d task(s) still running after %.0f s", sum(not f.done() for f in pending), timeout_s)
 
 
+@dataclass
+class TileRun:
+    """What a backend returns once the model has seen every tile: the post-processing of the last
+    tiles may still be running (``pending``), so the next slide's tiles can start meanwhile."""
+
+    done: list[TileResult]
+    pending: list[Future]
+    timings: dict[str, float]
+
+    def results(self) -> list[TileResult]:
+        """Every tile's result in tile-index order (waits for the pending ones)."""
+        finished = self.done + [future.result() for future in self.pending]
+        self.done, self.pending = finished, []
+        return sorted(finished, key=lambda r: r.index)
+
+
 class InferenceBackend(Protocol):
-    def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool
-            ) -> tuple[list[TileResult], dict[str, float]]:
-        """Predict and post-process every tile of ``plan.tiles_to_run()``; results and timings (s)."""
+    def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool) -> TileRun:
+        """Predict every tile of ``plan.tiles_to_run()`` and submit its post-processing."""
         ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -119,8 +135,7 @@ class DriverBackend:
         return {"backend": "driver", "batch_size": self.batch_size, "tiles_in_flight": self.limit,
                 **self.predictor.describe()}
 
-    def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool
-            ) -> tuple[list[TileResult], dict[str, float]]:
+    def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool) -> TileRun:
         tiles = plan.tiles_to_run()
         pending: deque[Tile] = deque(tiles)
         reads = as_completed()
@@ -159,7 +174,7 @@ class DriverBackend:
 
         try:
             batch: list[tuple[Tile, np.ndarray]] = []
-            while pending or reads.count() or batch or post:
+            while pending or reads.count() or batch:
                 timings["driver_wakeups"] += 1
                 ledger.prune()
                 collect()
@@ -179,7 +194,7 @@ class DriverBackend:
                     timings["post_wait_s"] += time.perf_counter() - start
         finally:
             bar.close()
-        return sorted(results, key=lambda r: r.index), timings
+        return TileRun(results, post, timings)
 
 
 # -- the model on workers ------------------------------------------------------------------------
@@ -236,8 +251,7 @@ class WorkerBackend:
         return {"backend": "workers", "resource": f"{GPU_RESOURCE}=1", "batch_size": self.batch_size,
                 "tiles_in_flight": self.limit, "device": self.options.device}
 
-    def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool
-            ) -> tuple[list[TileResult], dict[str, float]]:
+    def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool) -> TileRun:
         tiles = plan.tiles_to_run()
         batches = deque(tiles[i:i + self.batch_size] for i in range(0, len(tiles), self.batch_size))
         reader_args = plan.reader_args()
@@ -247,7 +261,7 @@ class WorkerBackend:
         bar = _Progress(plan, len(tiles), progress)
         submit: Callable[..., Future] = self.client.submit
         try:
-            while batches or in_flight:
+            while batches:
                 ledger.prune()
                 while batches and len(in_flight) + self.batch_size <= self.limit:
                     batch = batches.popleft()
@@ -259,15 +273,16 @@ class WorkerBackend:
                         future = submit(_post_process_from_batch, ctx, tile, predicted, k, pure=False)
                         ledger.writing.append(future)
                         in_flight.append(future)
-                done, _ = wait(in_flight, return_when="FIRST_COMPLETED")
-                for future in done:
-                    results.append(future.result())
-                    in_flight.remove(future)
-                    bar.bar.update(1)
+                if batches:
+                    done, _ = wait(in_flight, return_when="FIRST_COMPLETED")
+                    for future in done:
+                        results.append(future.result())
+                        in_flight.remove(future)
+                        bar.bar.update(1)
         finally:
             bar.close()
-        inference_s = float(sum(self.client.gather(model_s)))
-        return sorted(results, key=lambda r: r.index), {"inference_s": inference_s}
+        inference_s = float(sum(self.client.gather(model_s)))  # every prediction has run by now
+        return TileRun(results, in_flight, {"inference_s": inference_s})
 
 
 def make_backend(cfg: RunConfig, bundle: ModelBundle, client: Client) -> InferenceBackend:

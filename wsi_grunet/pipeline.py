@@ -29,7 +29,7 @@ from distributed import Client
 from . import __version__
 from .config import RunConfig
 from .errors import OutputError
-from .inference import InferenceBackend, TaskLedger
+from .inference import InferenceBackend, TaskLedger, TileRun
 from .label_image import label_shard_jobs, write_label_shard
 from .model.checkpoint import ModelBundle
 from .nucleus_ids import id_offsets
@@ -71,7 +71,11 @@ class SlideWork:
     started: float
     ledger: TaskLedger = field(default_factory=TaskLedger)
     timings: dict[str, float] = field(default_factory=dict)
-    tile_results: list[TileResult] = field(default_factory=list)
+    tile_run: TileRun | None = None
+
+    @property
+    def tile_results(self) -> list[TileResult]:
+        return [] if self.tile_run is None else self.tile_run.results()
 
     @property
     def work_dir(self) -> Path:
@@ -162,11 +166,11 @@ def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle
 
 
 def infer_slide(work: SlideWork, backend: InferenceBackend, progress: bool) -> None:
-    """Stage 2: every tile predicted and post-processed."""
+    """Stage 2: every tile predicted; the last tiles' post-processing may still be running after it."""
     start = time.perf_counter()
-    work.tile_results, timings = backend.run(work.plan, work.ctx, work.ledger, progress)
-    work.timings["tiles_s"] = time.perf_counter() - start
-    work.timings.update(timings)
+    work.tile_run = backend.run(work.plan, work.ctx, work.ledger, progress)
+    work.timings["model_phase_s"] = time.perf_counter() - start
+    work.timings.update(work.tile_run.timings)
 
 
 def _write_vectors(client: Client, work: SlideWork, counts: dict[int, int], offsets: dict[int, int],
@@ -207,7 +211,9 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
                  backend: InferenceBackend) -> SlideResult:
     """Stage 3: labels, pyramid, vectors, preview and report; then the folder is moved into place."""
     plan, timings = work.plan, work.timings
-    counts = {r.index: r.count for r in work.tile_results}
+    tile_results = work.tile_results  # waits for the last tiles' post-processing
+    timings["tiles_s"] = time.perf_counter() - work.started - timings["plan_s"]
+    counts = {r.index: r.count for r in tile_results}
     offsets = id_offsets(counts, counts)
     total = sum(counts.values())
     formats = [f for f in ALL_FORMATS if f in cfg.output.formats]
@@ -249,9 +255,9 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
         "config": cfg.to_dict(),
         "counts": {"nuclei": total, "tiles_total": len(plan.all_tiles()), "tiles_with_tissue": n_tiles,
                    "model_shape": list(plan.model_shape),
-                   "nuclei_in_cut_groups": int(sum(r.cut_groups for r in work.tile_results))},
+                   "nuclei_in_cut_groups": int(sum(r.cut_groups for r in tile_results))},
         "timings": {**{k: round(v, 3) for k, v in timings.items()}, "tiles_per_s": round(tiles_per_s, 3),
-                    "postprocess_task_s": round(sum(r.seconds for r in work.tile_results), 3)},
+                    "postprocess_task_s": round(sum(r.seconds for r in tile_results), 3)},
         "software": software_versions(),
         "outputs": {key: value for key, value in {
             "zarr": f"{work.final_dir.name}.ome.zarr", "geojson": "nuclei.geojson.gz", "parquet": "nuclei.parquet",
