@@ -22,7 +22,12 @@ from wsi_grunet.errors import MissingMppError, SlideOpenError, SlideReadError
 from wsi_grunet.geometry import Box
 from wsi_grunet.slide import reader as reader_module
 from wsi_grunet.slide.discovery import find_slides
-from wsi_grunet.slide.reader import SlideReader, describe, inspect_slide, open_reader_cached
+from wsi_grunet.slide.reader import (
+    SlideReader,
+    describe,
+    inspect_slide,
+    open_reader_cached,
+)
 from wsi_grunet.slide.resample import choose_level, geometric_downsamples
 
 
@@ -307,9 +312,11 @@ def test_dicom_series_is_listed_once(slides_dir):
 @pytest.mark.shared
 def test_corrupt_tiles_raise_slide_read_error(slides_dir):
     path = slides_dir / "fixtures" / "unreadable.svs"
-    with SlideReader(path, 0.499) as reader:  # the header is fine
-        with pytest.raises(SlideReadError, match=r"unreadable\.svs.*level 0"):
-            reader.read(Box(0, 0, 16, 16))
+    with (
+        SlideReader(path, 0.499) as reader,  # the header is fine
+        pytest.raises(SlideReadError, match=r"unreadable\.svs.*level 0"),
+    ):
+        reader.read(Box(0, 0, 16, 16))
 
 
 @pytest.mark.shared
