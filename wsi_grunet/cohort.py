@@ -9,9 +9,9 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
 
 from distributed import Client
 
@@ -19,17 +19,18 @@ from .config import RunConfig
 from .errors import WsiGrunetError
 from .inference import InferenceBackend, make_backend
 from .model.checkpoint import ModelBundle
-from .pipeline import SlideResult, SlideWork, abandon_slide, check_writable, finish_slide, infer_slide, prepare_slide
+from .pipeline import (
+    SlideResult,
+    SlideWork,
+    abandon_slide,
+    check_writable,
+    finish_slide,
+    infer_slide,
+    prepare_slide,
+)
+from .slide.discovery import SlideEntry
 
 log = logging.getLogger(__name__)
-
-
-class SlideEntryLike(Protocol):
-    @property
-    def path(self) -> Path: ...
-
-    @property
-    def name(self) -> str: ...
 
 
 def _failed(slide: Path, name: str, exc: BaseException, started: float) -> SlideResult:
@@ -42,7 +43,7 @@ def _failed(slide: Path, name: str, exc: BaseException, started: float) -> Slide
     return SlideResult(str(slide), "failed", name, error=error, seconds=time.perf_counter() - started)
 
 
-def run_cohort(entries: list[SlideEntryLike], out_root: Path, cfg: RunConfig, bundle: ModelBundle, client: Client,
+def run_cohort(entries: Sequence[SlideEntry], out_root: Path, cfg: RunConfig, bundle: ModelBundle, client: Client,
                progress: bool = True, backend: InferenceBackend | None = None) -> list[SlideResult]:
     """Run every slide (in the given order); writes ``run_summary.json``. Results keep that order."""
     check_writable(out_root)

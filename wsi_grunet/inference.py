@@ -139,7 +139,7 @@ class DriverBackend:
         tiles = plan.tiles_to_run()
         pending: deque[Tile] = deque(tiles)
         reads = as_completed()
-        tile_of: dict[str, Tile] = {}
+        tile_of: dict[Any, Tile] = {}
         post: list[Future] = []
         results: list[TileResult] = []
         # driver_wakeups: loop turns; each one blocks or makes progress, so it stays near 3 per tile

@@ -39,7 +39,13 @@ from .outputs.table import assemble_table
 from .outputs.zarr_store import OmeZarrWriter
 from .plan import SlidePlan, plan_slide
 from .postprocess import PostprocessParams
-from .tile_work import TileContext, TileResult, iter_tile_records, tile_files, write_tile_vectors
+from .tile_work import (
+    TileContext,
+    TileResult,
+    iter_tile_records,
+    tile_files,
+    write_tile_vectors,
+)
 
 log = logging.getLogger(__name__)
 ALL_FORMATS = ("zarr", "geojson", "parquet", "preview")
@@ -241,7 +247,7 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
     timings["total_s"] = time.perf_counter() - work.started
     n_tiles = len(plan.tissue_tiles)
     tiles_per_s = n_tiles / timings["tiles_s"] if timings.get("tiles_s") else 0.0
-    report = {
+    report: dict[str, Any] = {
         "status": "ok",
         "name": plan.name,
         "slide": {"path": str(Path(plan.slide).resolve()), **plan.slide_info, "mpp_used": plan.slide_mpp,

@@ -64,7 +64,7 @@ class SlidePlan:
     @classmethod
     def load(cls, path: Path) -> SlidePlan:
         data = json.loads(path.read_text())
-        data["model_shape"] = tuple(data["model_shape"])
+        data["model_shape"] = (int(data["model_shape"][0]), int(data["model_shape"][1]))
         data["tissue_tiles"] = tuple(data["tissue_tiles"])
         return cls(**data)
 
@@ -80,7 +80,7 @@ def plan_slide(slide: str | Path, name: str, cfg: RunConfig, model_mpp: float) -
         tiles = [t for t in tiles if tile_has_tissue(mask, thumb_um, t.read, reader.target_mpp)]
     plan = SlidePlan(
         slide=str(slide), name=name, model_mpp=reader.target_mpp, mpp_override=reader.mpp_override,
-        slide_mpp=reader.slide_mpp, level0_per_model=reader.scale, model_shape=tuple(reader.model_shape),
+        slide_mpp=reader.slide_mpp, level0_per_model=reader.scale, model_shape=(int(reader.model_shape[0]), int(reader.model_shape[1])),
         tile_size=cfg.tiling.tile_size, halo=cfg.tiling.halo, tissue_tiles=tuple(t.index for t in tiles),
         slide_info=reader.info.to_dict(),
     )
