@@ -26,7 +26,7 @@ from wsi_grunet.model.grunet import (
 )
 from wsi_grunet.model.predictor import Predictor, predict_image
 
-SMALL = dict(base_filters=4, attention_width=8)
+SMALL = {"base_filters": 4, "attention_width": 8}
 
 
 def small_model(seed: int = 0, **overrides) -> GRUNet:

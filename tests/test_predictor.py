@@ -21,7 +21,7 @@ from wsi_grunet.model.predictor import (
     cpu_has_native_bf16,
 )
 
-SMALL = dict(base_filters=4, attention_width=8)
+SMALL = {"base_filters": 4, "attention_width": 8}
 
 
 @pytest.fixture(autouse=True)

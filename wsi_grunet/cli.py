@@ -117,9 +117,11 @@ def _segment_images(cfg, images: str, out: str, image_mpp: float, save_probabili
 
     bundle = resolve_weights(cfg.model.weights)
     _mark_untrained(bundle)
-    predictor = Predictor(bundle, cfg.model.device, cfg.model.amp, cfg.model.channels_last)
+    predictor = Predictor.from_options(bundle, cfg.model)
+    batch_size = cfg.model.batch_size if predictor.device.type == "cuda" else 1
     results = segment_folder(Path(images), Path(out), image_mpp, bundle, postprocess_params(bundle, cfg),
-                             predictor, save_probability=save_probability, progress=not quiet)
+                             predictor, save_probability=save_probability, progress=not quiet,
+                             tile_size=cfg.tiling.tile_size, halo=cfg.tiling.halo, batch_size=batch_size)
     failed = [r for r in results if r["status"] != "ok"]
     for r in failed:
         print(f"failed: {r['error']}")
