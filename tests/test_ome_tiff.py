@@ -208,6 +208,19 @@ def test_alpha_is_composited_on_white(tmp_path, pixels):
     np.testing.assert_array_equal(got[200:300], pixels[0][200:300, :300])
 
 
+def test_planar_rgb_is_read(tmp_path, pixels):
+    planar = [np.ascontiguousarray(level.transpose(2, 0, 1)) for level in pixels[:2]]
+    path = tmp_path / "planar.ome.tiff"
+    with tifffile.TiffWriter(path, ome=True) as writer:
+        for index, level in enumerate(planar):
+            writer.write(level, tile=(TILE, TILE), photometric="rgb", planarconfig="separate", compression="zlib",
+                         subifds=1 if index == 0 else None, subfiletype=1 if index else 0,
+                         metadata={"axes": "SYX", "PhysicalSizeX": MPP, "PhysicalSizeY": MPP} if index == 0 else None)
+    with SlideReader(path, 0.5) as reader:
+        assert reader.backend == "tifffile" and reader.level == 1
+        np.testing.assert_array_equal(reader.read(Box(5, 7, 205, 307)), pixels[1][5:205, 7:307])
+
+
 def test_region_reads_decode_only_the_tiles_they_touch(tmp_path, pixels):
     # Corrupt the last tile of level 0: a read elsewhere still works, a read there names the file.
     path = write_ome(tmp_path / "damaged.ome.tiff", pixels, "zlib")

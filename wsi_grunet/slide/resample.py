@@ -44,7 +44,10 @@ def round_half_up(value: float) -> int:
 
 
 def positive_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    number = float(value)
+    return math.isfinite(number) and number > 0
 
 
 def is_integral(value: float) -> bool:

@@ -120,7 +120,8 @@ def _pixel_size(tif: tifffile.TiffFile, index: int, width: int, height: int) -> 
     if tif.is_ome and tif.ome_metadata:
         images = ome_pixels(tif.ome_metadata)
         matching = [p for p in images if (p.get("SizeX"), p.get("SizeY")) == (str(width), str(height))]
-        chosen = images[index] if index < len(images) and images[index] in matching else (matching or [None])[0]
+        chosen = images[index] if index < len(images) and images[index] in matching else None
+        chosen = chosen if chosen is not None else (matching[0] if matching else None)
         if chosen is not None:
             candidates.append(("OME-XML PhysicalSizeX/Y", *ome_pixel_size(chosen)))
     page = tif.series[index].keyframe
@@ -200,9 +201,9 @@ class TiffBackend:
         array = self._arrays[level]
         try:
             if self._layout == "interleaved":
-                pixels = array[y : y + height, x : x + width, :]
+                pixels = np.asarray(array[y : y + height, x : x + width, :])
             else:
-                pixels = np.moveaxis(array[:, y : y + height, x : x + width], 0, -1)
+                pixels = np.moveaxis(np.asarray(array[:, y : y + height, x : x + width]), 0, -1)
         except Exception as exc:  # noqa: BLE001 (each codec raises its own error types)
             raise SlideReadError(
                 f"{self.path}: cannot read pixels of level {level} at (x={x}, y={y}), size {width}x{height}: {exc}"
