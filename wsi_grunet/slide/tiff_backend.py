@@ -72,14 +72,14 @@ def _layout(path: Path, series: Any) -> str:
     """"interleaved" (Y, X, S) or "planar" (S, Y, X) for 8-bit RGB(A); otherwise NotBrightfieldError."""
     axes, shape, dtype = series.axes, series.shape, np.dtype(series.dtype)
     page = series.keyframe
-    channel_axes = [a for a in axes if a not in "YX"]
-    channels = int(np.prod([shape[axes.index(a)] for a in channel_axes])) if channel_axes else 1
+    channels = int(np.prod([shape[axes.index(a)] for a in axes if a in "CS"]))
+    extra = ", ".join(f"{a} of size {shape[axes.index(a)]}" for a in axes if a not in "YXCS")
     rgb_like = axes in ("YXS", "SYX", "CYX") and channels in (3, 4) and page.photometric in _RGB_PHOTOMETRIC
     if dtype != np.uint8 or not rgb_like:
         raise NotBrightfieldError(
             f"{path}: not a brightfield RGB slide: it has {channels} channel{'s' if channels != 1 else ''} "
-            f"of {dtype} (axes {axes}, photometric {PHOTOMETRIC(page.photometric).name}); only 8-bit RGB "
-            "(3 samples, or 4 with alpha) is read"
+            f"of {dtype}{f' with extra axes ({extra})' if extra else ''} (photometric {PHOTOMETRIC(page.photometric).name}); "
+            "only 8-bit RGB (3 samples, or 4 with alpha) is read"
         )
     return "interleaved" if axes == "YXS" else "planar"
 
