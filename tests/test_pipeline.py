@@ -303,3 +303,63 @@ def test_driver_blocks_instead_of_spinning(tiny_checkpoint, client, tmp_path):
     assert result.status == "ok" and result.tiles == 4
     wakeups = json.loads((tmp_path / "out" / "s" / "report.json").read_text())["timings"]["driver_wakeups"]
     assert wakeups <= 3 * result.tiles + 2, f"{wakeups} driver loop turns for {result.tiles} tiles"
+
+
+def test_same_stems_in_one_run_get_their_own_outputs(tiny_checkpoint, tmp_path):
+    """a/x.svs, b/x.svs, x.svs and x.v2.svs: four slides, four result folders, nothing skipped."""
+    root = tmp_path / "slides"
+    for rel in ("a/x.svs", "b/x.svs", "x.svs", "x.v2.svs"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic_slide(root / rel, 256, 256, mpp=MPP, levels=1, seed=len(rel))
+    out = tmp_path / "results"
+    code = main(["run", str(root), "--out", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu",
+                 "--workers", "1", "--tile-size", "256", "--halo", "64", "--quiet", "--no-tissue-detection"])
+    assert code == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert [s["status"] for s in summary["slides"]] == ["ok"] * 4
+    assert sorted(summary["outputs"]) == ["a/x", "b/x", "x", "x.v2"]
+    for name, slide in summary["outputs"].items():
+        report = json.loads((out / name / "report.json").read_text())
+        assert report["slide"]["path"] == str(Path(slide).resolve()) and report["name"] == name
+
+
+def test_a_folder_holding_another_slides_results_is_an_error(tiny_checkpoint, tmp_path):
+    out = tmp_path / "results"
+    first, second = tmp_path / "one" / "x.svs", tmp_path / "two" / "x.svs"
+    for k, slide in enumerate((first, second)):
+        slide.parent.mkdir()
+        write_synthetic_slide(slide, 256, 256, mpp=MPP, levels=1, seed=k)
+    args = ["--out", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu", "--workers", "1",
+            "--tile-size", "256", "--halo", "64", "--quiet"]
+    assert main(["run", str(first), *args]) == 0
+    before = (out / "x" / "report.json").read_text()
+    assert main(["run", str(second), *args]) == 1  # same output name, another slide: never skipped or mixed
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["slides"][0]["status"] == "failed" and "another slide" in summary["slides"][0]["error"]
+    assert (out / "x" / "report.json").read_text() == before
+
+
+def _slow_write(path: str, seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+    Path(path).write_text("late")
+
+
+def test_stopping_a_slide_waits_for_its_writing_tasks(client, tmp_path):
+    """A running task cannot be interrupted, so a failed slide waits for its writers before its folder
+    is removed: nothing is written into (or recreates) the folder afterwards."""
+    from wsi_grunet.inference import TaskLedger
+
+    ledger = TaskLedger()
+    folder = tmp_path / ".s.partial-1"
+    folder.mkdir()
+    ledger.writing.append(client.submit(_slow_write, str(folder / "late.txt"), 1.5, pure=False))
+    ledger.stop(client)
+    assert (folder / "late.txt").read_text() == "late", "stop returned before the writing task finished"
+    import shutil
+    import time
+
+    shutil.rmtree(folder)
+    time.sleep(2.0)
+    assert not folder.exists()
