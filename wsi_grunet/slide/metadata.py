@@ -141,7 +141,8 @@ def openslide_pixel_size(properties: Mapping[str, str]) -> PixelSize:
     """
     unit = properties.get("tiff.ResolutionUnit")
     return pick_pixel_size([
-        ("openslide.mpp-x/y", float_or_none(properties.get(PROPERTY_MPP_X)), float_or_none(properties.get(PROPERTY_MPP_Y))),
+        ("openslide.mpp-x/y", float_or_none(properties.get(PROPERTY_MPP_X)),
+         float_or_none(properties.get(PROPERTY_MPP_Y))),
         ("TIFF resolution tags", tiff_resolution_mpp(properties.get("tiff.XResolution"), unit),
          tiff_resolution_mpp(properties.get("tiff.YResolution"), unit)),
     ])

@@ -78,7 +78,8 @@ def _layout(path: Path, series: Any) -> str:
     if dtype != np.uint8 or not rgb_like:
         raise NotBrightfieldError(
             f"{path}: not a brightfield RGB slide: it has {channels} channel{'s' if channels != 1 else ''} "
-            f"of {dtype}{f' with extra axes ({extra})' if extra else ''} (photometric {PHOTOMETRIC(page.photometric).name}); "
+            f"of {dtype}{f' with extra axes ({extra})' if extra else ''} "
+            f"(photometric {PHOTOMETRIC(page.photometric).name}); "
             "only 8-bit RGB (3 samples, or 4 with alpha) is read"
         )
     return "interleaved" if axes == "YXS" else "planar"
