@@ -69,7 +69,10 @@ def _main_series(tif: tifffile.TiffFile) -> tuple[int, Any]:
 
 
 def _layout(path: Path, series: Any) -> str:
-    """"interleaved" (Y, X, S) or "planar" (S, Y, X) for 8-bit RGB(A); otherwise NotBrightfieldError."""
+    """The sample layout of an 8-bit RGB(A) series: "interleaved" (Y, X, S) or "planar" (S, Y, X).
+
+    Anything else (fluorescence channels, 16-bit, grey, Z or T axes) raises NotBrightfieldError.
+    """
     axes, shape, dtype = series.axes, series.shape, np.dtype(series.dtype)
     page = series.keyframe
     channels = int(np.prod([shape[axes.index(a)] for a in axes if a in "CS"]))
