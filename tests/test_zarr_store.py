@@ -110,7 +110,7 @@ def test_pyramid_levels_are_means_and_nearest_labels(store, data):
 
 
 def test_arrays_are_sharded_and_compressed(store):
-    path, writer = store
+    path, _ = store
     for array_path in ("0", "labels/nuclei/0", "1"):
         meta = json.loads((path / array_path / "zarr.json").read_text())
         assert meta["zarr_format"] == 3
@@ -191,3 +191,70 @@ def test_reopened_writer_matches_the_original(store):
     again = OmeZarrWriter.open(path)
     assert again.shapes == writer.shapes
     assert (again.chunk, again.shard, again.pixel_um, again.name) == (32, 64, PIXEL_UM, "slide-A")
+
+
+# -- the RGB slide in the same store -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rgb_store(tmp_path_factory, data):
+    prob, labels = data
+    rgb = np.random.default_rng(5).integers(0, 256, (*SHAPE, 3)).astype(np.uint8)
+    path = tmp_path_factory.mktemp("zarr-rgb") / "slide.ome.zarr"
+    writer = OmeZarrWriter(path, SHAPE, PIXEL_UM, shard=64, chunk=32, levels=4, name="slide-RGB", rgb=True)
+    for b in writer.shard_boxes():
+        writer.write_probability(b, prob[b.slices()], rgb[b.slices()])  # one write per shard: both together
+        writer.write_labels(b, labels[b.slices()])
+    writer.build_pyramid()
+    return path, writer, rgb
+
+
+def test_rgb_channels_read_back_with_ome_zarr(rgb_store, data):
+    path, writer, rgb = rgb_store
+    prob, labels = data
+    nodes = list(Reader(parse_url(str(path)))())
+    image = nodes[0]
+    assert [a["name"] for a in image.metadata["axes"]] == ["c", "y", "x"]
+    assert image.metadata["axes"][0]["type"] == "channel"
+    assert image.metadata["channel_names"] == ["nucleus probability", "red", "green", "blue"]
+    for level, (array, transforms) in enumerate(zip(image.data, image.metadata["coordinateTransformations"])):
+        assert array.shape == (4, *writer.shapes[level]) and array.dtype == np.uint8
+        assert transforms[0]["scale"] == [1.0, PIXEL_UM * 2**level, PIXEL_UM * 2**level]
+    level0 = np.asarray(image.data[0])
+    np.testing.assert_array_equal(level0[0], np.rint(prob * 255).astype(np.uint8))
+    np.testing.assert_array_equal(np.moveaxis(level0[1:], 0, -1), rgb)
+    # Every channel's pyramid is the 2x2 mean of the level above; labels stay (y, x) with the same extent.
+    expected = [level0[c] for c in range(4)]
+    label_node = next(n for n in nodes if any(isinstance(s, Label) for s in n.specs))
+    for level in range(1, writer.levels):
+        expected = [expected_mean_level(e) for e in expected]
+        np.testing.assert_array_equal(np.asarray(image.data[level]), np.stack(expected))
+        assert label_node.data[level].shape == writer.shapes[level]
+    np.testing.assert_array_equal(np.asarray(label_node.data[0]), labels)
+
+
+def test_rgb_store_layout_and_reopen(rgb_store):
+    path, writer, _ = rgb_store
+    meta = json.loads((path / "0" / "zarr.json").read_text())
+    assert meta["shape"] == [4, *SHAPE] and meta["dimension_names"] == ["c", "y", "x"]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [4, 64, 64]  # a shard holds all channels
+    assert meta["codecs"][0]["configuration"]["chunk_shape"] == [1, 32, 32]  # a chunk holds one
+    omero = zarr.open_group(str(path), mode="r").attrs["ome"]["omero"]
+    assert [c["color"] for c in omero["channels"]] == ["00FF00", "FF0000", "00FF00", "0000FF"]
+    again = OmeZarrWriter.open(path)
+    assert again.rgb and again.shapes == writer.shapes and (again.chunk, again.shard) == (32, 64)
+    assert again.pixel_um == PIXEL_UM
+
+
+def test_rgb_must_be_written_with_the_probability(tmp_path):
+    b = Box(0, 0, 64, 64)
+    with_rgb = OmeZarrWriter(
+        tmp_path / "r.ome.zarr", (64, 64), PIXEL_UM, shard=64, chunk=32, levels=1, name="r", rgb=True
+    )
+    with pytest.raises(ValueError, match="with its rgb"):
+        with_rgb.write_probability(b, np.zeros((64, 64), np.float32))
+    with pytest.raises(ValueError, match="rgb must be uint8"):
+        with_rgb.write_probability(b, np.zeros((64, 64), np.float32), np.zeros((64, 64, 3), np.float32))
+    plain = OmeZarrWriter(tmp_path / "p.ome.zarr", (64, 64), PIXEL_UM, shard=64, chunk=32, levels=1, name="p")
+    with pytest.raises(ValueError, match="no RGB channels"):
+        plain.write_probability(b, np.zeros((64, 64), np.float32), np.zeros((64, 64, 3), np.uint8))

@@ -51,6 +51,8 @@ def _overrides(args: argparse.Namespace) -> list[dict]:
         out.append({"output": {"overwrite": True}})
     if getattr(args, "no_tissue_detection", False):
         out.append({"tissue": {"enabled": False}})
+    if getattr(args, "outputs", None) is not None:  # --outputs geojson,parquet -> output.formats
+        out.append({"output": {"formats": [part.strip() for part in args.outputs.split(",") if part.strip()]}})
     return out
 
 
@@ -65,9 +67,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for noisy in ("distributed", "bokeh", "tornado"):  # distributed configures its loggers on import
         logging.getLogger(noisy).setLevel(logging.ERROR)
     cfg = load_config(args.config, _overrides(args))
-    slides = find_slides([Path(p) for p in args.slides])  # unique output names, DICOM series once
+    paths = [Path(p) for p in args.slides]
+    if args.example:
+        from .examples import example_slide
+
+        paths.append(example_slide())
+    if not paths:
+        log.error("give slide files or folders, or --example for the packaged example slide")
+        return EXIT_USAGE
+    slides = find_slides(paths)  # unique output names, DICOM series once
     if not slides:
-        log.error("no slide files found in %s", ", ".join(args.slides))
+        log.error("no slide files found in %s", ", ".join(str(p) for p in paths))
         return EXIT_USAGE
     bundle = resolve_weights(cfg.model.weights)
     _mark_untrained(bundle)
@@ -197,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Segment nuclei in every slide given (files, or folders searched for slide files). "
                                      "Writes <out>/<slide-stem>/ with <stem>.ome.zarr, nuclei.geojson.gz, nuclei.parquet, "
                                      "report.json and preview.png. Exit code 1 when any slide failed.")
-    run.add_argument("slides", nargs="+", metavar="SLIDES", help="slide files or folders")
+    run.add_argument("slides", nargs="*", metavar="SLIDES", help="slide files or folders")
+    run.add_argument("--example", action="store_true",
+                     help="also run the example slide shipped with wsi-grunet (CMU-1-Small-Region.svs, CC0)")
+    run.add_argument("--outputs", metavar="FORMATS",
+                     help="comma-separated outputs to write, of zarr,geojson,parquet,preview (default: all)")
     run.add_argument("--out", required=True, help="output folder")
     common(run)
     run.add_argument("--mpp", type=float, help="slide microns per pixel (overrides the slide's own value)")

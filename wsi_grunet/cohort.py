@@ -19,6 +19,7 @@ from .config import RunConfig
 from .errors import WsiGrunetError
 from .inference import InferenceBackend, make_backend
 from .model.checkpoint import ModelBundle
+from .outputs.index_html import write_index_html
 from .pipeline import (
     SlideResult,
     SlideWork,
@@ -88,6 +89,7 @@ def run_cohort(entries: Sequence[SlideEntry], out_root: Path, cfg: RunConfig, bu
         finisher.shutdown(wait=True)
     done = [r for r in results if r is not None]
     write_run_summary(out_root, bundle, done)
+    write_index_html(out_root, done, model=bundle.status_line)  # a page to look at every slide's results
     return done
 
 

@@ -34,7 +34,7 @@ from .label_image import label_shard_jobs, write_label_shard
 from .model.checkpoint import ModelBundle
 from .nucleus_ids import id_offsets
 from .outputs.geojson import assemble_gzip_collection
-from .outputs.preview import render_preview
+from .outputs.preview import InsetSource, render_preview
 from .outputs.table import assemble_table
 from .outputs.zarr_store import OmeZarrWriter
 from .plan import SlidePlan, plan_slide
@@ -44,6 +44,7 @@ from .tile_work import (
     TileResult,
     iter_tile_records,
     tile_files,
+    write_rgb_core,
     write_tile_vectors,
 )
 
@@ -160,10 +161,11 @@ def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle
     if "zarr" in cfg.output.formats:
         zarr_path = tmp_dir / f"{final_dir.name}.ome.zarr"
         OmeZarrWriter(zarr_path, plan.model_shape, plan.model_mpp, shard=plan.core, chunk=cfg.output.chunk,
-                      levels=cfg.output.pyramid_levels, name=final_dir.name)
+                      levels=cfg.output.pyramid_levels, name=final_dir.name, rgb=cfg.output.slide_rgb)
     ctx = TileContext(model_shape=plan.model_shape, halo=plan.halo, params=postprocess_params(bundle, cfg),
                       model_mpp=plan.model_mpp, level0_per_model=plan.level0_per_model, work_dir=str(work_dir),
-                      zarr_path=None if zarr_path is None else str(zarr_path))
+                      zarr_path=None if zarr_path is None else str(zarr_path),
+                      rgb_reader=plan.reader_args() if zarr_path is not None and cfg.output.slide_rgb else None)
     work = SlideWork(plan, thumb, thumb_um, final_dir, tmp_dir, ctx, start)
     work.timings["plan_s"] = time.perf_counter() - start
     log.info("%s: %d x %d model px at %.3f um/px, %d of %d tiles hold tissue; %s", name, plan.model_shape[1],
@@ -197,20 +199,23 @@ def _write_vectors(client: Client, work: SlideWork, counts: dict[int, int], offs
     return written
 
 
-def _write_preview(work: SlideWork, owners: list[int], cfg: RunConfig) -> None:
-    def polygons():
+def _write_preview(work: SlideWork, owners: list[int], cfg: RunConfig, total: int) -> None:
+    def nuclei():  # streamed from the tiles' records; the preview walks them twice
         for index in owners:
             for record in iter_tile_records(work.work_dir, index):
-                yield record.polygon
+                yield record.centroid_x, record.centroid_y, record.polygon
 
     plan, thumb, thumb_um = work.plan, work.thumb, work.thumb_um
     # The preview is read at the resolution that fills preview_max_px, never finer than the model's.
     height_um, width_um = (n * plan.slide_mpp for n in (plan.slide_info["height"], plan.slide_info["width"]))
     preview_um = max(plan.model_mpp, max(height_um, width_um) / cfg.output.preview_max_px)
+    reader = plan.open_reader()
     if preview_um < thumb_um:
-        thumb, thumb_um = plan.open_reader().thumbnail(preview_um)
-    render_preview(thumb, thumb_um, plan.slide_mpp, polygons(), work.tmp_dir / "preview.png",
-                   max_px=cfg.output.preview_max_px)
+        thumb, thumb_um = reader.thumbnail(preview_um)
+    render_preview(thumb, thumb_um, plan.slide_mpp, nuclei, work.tmp_dir / "preview.png",
+                   slide_shape_l0=(plan.slide_info["height"], plan.slide_info["width"]),
+                   inset=InsetSource(reader.read, plan.model_mpp), max_px=cfg.output.preview_max_px,
+                   title=f"{plan.name}: {total:,} nuclei")
 
 
 def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelBundle,
@@ -228,6 +233,10 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
         jobs = label_shard_jobs(plan.all_tiles(), counts, offsets, plan.grid)
         futures = [client.submit(write_label_shard, core, sources, work.ctx.zarr_path, str(work.work_dir),
                                  pure=False) for core, sources in jobs]
+        if work.ctx.rgb_reader is not None:  # the RGB of the tiles without tissue, one task per core
+            run = set(plan.tissue_tiles)
+            futures += [client.submit(write_rgb_core, work.ctx, tile, pure=False) for tile in plan.all_tiles()
+                        if tile.index not in run]
         work.ledger.writing.extend(futures)
         client.gather(futures)
         timings["labels_s"] = time.perf_counter() - t
@@ -241,7 +250,7 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
     timings["vectors_s"] = time.perf_counter() - t
     if "preview" in formats:
         t = time.perf_counter()
-        _write_preview(work, sorted(i for i in counts if counts[i]), cfg)
+        _write_preview(work, sorted(i for i in counts if counts[i]), cfg, total)
         timings["preview_s"] = time.perf_counter() - t
     shutil.rmtree(work.work_dir)
     timings["total_s"] = time.perf_counter() - work.started

@@ -25,6 +25,7 @@ from .outputs.table import NucleusTableWriter
 from .outputs.zarr_store import OmeZarrWriter
 from .ownership import owned_instances
 from .postprocess import PostprocessParams, label_nuclei
+from .slide.reader import open_reader_cached
 from .tiling import Tile
 
 
@@ -39,6 +40,7 @@ class TileContext:
     level0_per_model: float  # level-0 pixels per model pixel (polygons are written in level-0 pixels)
     work_dir: str  # the slide's temporary work folder
     zarr_path: str | None  # None: no OME-Zarr is written
+    rgb_reader: tuple[str, float, float | None] | None = None  # slide reader args: the RGB slide goes in the zarr
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.nd
     distance = None if distance is None else distance.astype(np.float32)
     if ctx.zarr_path is not None:
         core_in_read = tile.core.relative_to(tile.read)
-        OmeZarrWriter.open(ctx.zarr_path).write_probability(tile.core, prob[core_in_read.slices()])
+        rgb = None if ctx.rgb_reader is None else open_reader_cached(*ctx.rgb_reader).read(tile.core)
+        # The core's shards are this task's alone: probability and RGB go in together.
+        OmeZarrWriter.open(ctx.zarr_path).write_probability(tile.core, prob[core_in_read.slices()], rgb)
     labels = label_nuclei(prob, ctx.model_mpp, ctx.params, distance)
     owned = owned_instances(labels, tile.read, tile.core, ctx.model_shape, ctx.halo, mpp=ctx.model_mpp)
     files = tile_files(ctx.work_dir, tile.index)
@@ -86,6 +90,14 @@ def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.nd
             row["polygon"] = shapely.to_wkt(record.polygon, rounding_precision=3)
             handle.write(json.dumps(row) + "\n")
     return TileResult(tile.index, len(records), owned.n_in_cut_groups, time.perf_counter() - start)
+
+
+def write_rgb_core(ctx: TileContext, tile: Tile) -> None:
+    """The RGB slide of a tile that is not run (no tissue): its core's shards, probability 0."""
+    if ctx.zarr_path is None or ctx.rgb_reader is None:
+        return
+    rgb = open_reader_cached(*ctx.rgb_reader).read(tile.core)
+    OmeZarrWriter.open(ctx.zarr_path).write_probability(tile.core, np.zeros(tile.core.shape, np.uint8), rgb)
 
 
 def iter_tile_records(work_dir: str | Path, index: int) -> Iterator[NucleusRecord]:

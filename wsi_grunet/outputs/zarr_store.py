@@ -8,9 +8,16 @@ Layout (zarr v3, sharded, Blosc-zstd compressed)::
         nuclei/                multiscales + image-label, source image "../../"
           0, 1, ... L-1        int32 nucleus ids, 0 = background
 
-Frames: arrays are (y, x) in model pixels at level 0, halved per level (sizes round up). Scales are
-micrometres per pixel, ``pixel_um * 2**i``. A coordinate transformation maps a pixel index to the position
-of that pixel's centre:
+With the RGB slide (``rgb=True``, ``output.slide_rgb``) the image arrays are (c, y, x) with four channels:
+c = 0 nucleus probability, 1 red, 2 green, 3 blue (the slide at the model's resolution), described by
+``omero`` channel metadata. napari's OME-Zarr reader splits an image's channels into layers (the first
+opaque, the others added), so one drag-and-drop shows the slide in colour with the probability added in
+green, and the labels above it; the probability stays at channel 0 for programs. Chunks hold one
+channel, shards all four: the task that writes a tile core's probability writes its RGB in the same write.
+
+Frames: arrays are (y, x) (or (c, y, x)) in model pixels at level 0, halved per level (sizes round up).
+Scales are micrometres per pixel, ``pixel_um * 2**i`` (1 on the channel axis). A coordinate transformation
+maps a pixel index to the position of that pixel's centre:
 
 * probability levels are 2x2 means, so a level-i pixel is centred on the middle of the 2**i x 2**i block it
   summarises: translation ``(2**i - 1) / 2 * pixel_um``;
@@ -41,6 +48,8 @@ from ..geometry import Box
 OME_VERSION = "0.5"
 LABELS_NAME = "nuclei"
 LABELS_PATH = f"labels/{LABELS_NAME}"
+# Channels of the image with the RGB slide: (label, colour of napari's colormap black -> colour).
+RGB_CHANNELS = (("nucleus probability", "00FF00"), ("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -92,8 +101,7 @@ def check_shard_aligned(box: Box, shape: tuple[int, int], shard: tuple[int, int]
     ends_ok = (box.y1 % shard[0] == 0 or box.y1 == shape[0]) and (box.x1 % shard[1] == 0 or box.x1 == shape[1])
     if not (starts_ok and ends_ok):
         raise ValueError(
-            f"{what}: box {box} is not aligned to the {shard} shard grid; it would share a shard with "
-            "another writer"
+            f"{what}: box {box} is not aligned to the {shard} shard grid; it would share a shard with another writer"
         )
 
 
@@ -139,16 +147,24 @@ def downsample_shard(root: str, group: str, level: int, method: str, box: tuple[
     prefix = f"{group}/" if group else ""
     src = zarr.open_array(store=root, path=f"{prefix}{level - 1}", mode="r")
     dst = zarr.open_array(store=root, path=f"{prefix}{level}", mode="r+")
-    src_box = Box(2 * dst_box.y0, 2 * dst_box.x0, min(2 * dst_box.y1, src.shape[0]), min(2 * dst_box.x1, src.shape[1]))
-    dst[dst_box.slices()] = _DOWNSAMPLERS[method](src[src_box.slices()])
+    height, width = src.shape[-2:]
+    src_box = Box(2 * dst_box.y0, 2 * dst_box.x0, min(2 * dst_box.y1, height), min(2 * dst_box.x1, width))
+    down = _DOWNSAMPLERS[method]
+    if src.ndim == 3:  # (c, y, x): every channel of the shard in one write
+        block = src[(slice(None), *src_box.slices())]
+        dst[(slice(None), *dst_box.slices())] = np.stack([down(channel) for channel in block])
+    else:
+        dst[dst_box.slices()] = down(src[src_box.slices()])
 
 
-def _axes() -> list[dict]:
-    return [{"name": axis, "type": "space", "unit": "micrometer"} for axis in ("y", "x")]
+def _axes(channels: bool = False) -> list[dict]:
+    space = [{"name": axis, "type": "space", "unit": "micrometer"} for axis in ("y", "x")]
+    return ([{"name": "c", "type": "channel"}] if channels else []) + space
 
 
-def _datasets(levels: int, pixel_um: float, centred: bool) -> list[dict]:
+def _datasets(levels: int, pixel_um: float, centred: bool, channels: bool = False) -> list[dict]:
     datasets = []
+    lead = [1.0] if channels else []
     for i in range(levels):
         scale = pixel_um * 2**i
         shift = (2**i - 1) / 2 * pixel_um if centred else 0.0
@@ -156,20 +172,31 @@ def _datasets(levels: int, pixel_um: float, centred: bool) -> list[dict]:
             {
                 "path": str(i),
                 "coordinateTransformations": [
-                    {"type": "scale", "scale": [scale, scale]},
-                    {"type": "translation", "translation": [shift, shift]},
+                    {"type": "scale", "scale": [*lead, scale, scale]},
+                    {"type": "translation", "translation": [*[0.0] * len(lead), shift, shift]},
                 ],
             }
         )
     return datasets
 
 
-def _multiscales(name: str, levels: int, pixel_um: float, method: str, description: str) -> list[dict]:
+def _omero(name: str) -> dict:
+    """Channel names, colours and display windows (napari and OMERO read them)."""
+    channels = [
+        {"label": label, "color": colour, "active": True, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+        for label, colour in RGB_CHANNELS
+    ]
+    return {"name": name, "channels": channels, "rdefs": {"model": "color"}}
+
+
+def _multiscales(
+    name: str, levels: int, pixel_um: float, method: str, description: str, channels: bool = False
+) -> list[dict]:
     return [
         {
             "name": name,
-            "axes": _axes(),
-            "datasets": _datasets(levels, pixel_um, centred=(method == "mean")),
+            "axes": _axes(channels),
+            "datasets": _datasets(levels, pixel_um, centred=(method == "mean"), channels=channels),
             "type": method,
             "metadata": {"description": description, "method": "2x2 " + method + " per level"},
         }
@@ -183,6 +210,7 @@ class OmeZarrWriter:
     edge at level 0 (the tile core edge, so each tile core is a whole number of shards); ``chunk``: inner
     chunk edge, replaced by gcd(shard, chunk) when it does not divide ``shard``; ``levels``: requested
     pyramid depth (fewer when a level already fits one chunk). ``overwrite=False`` refuses an existing path.
+    ``rgb``: the image also holds the RGB slide (channels 1-3, see the module docstring).
     """
 
     def __init__(
@@ -195,8 +223,10 @@ class OmeZarrWriter:
         levels: int,
         name: str,
         overwrite: bool = False,
+        rgb: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.rgb = bool(rgb)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"{self.path}: image shape must be two positive sizes, got {shape}")
         if not pixel_um > 0 or levels < 1:
@@ -230,10 +260,11 @@ class OmeZarrWriter:
         except (FileNotFoundError, KeyError, ValueError) as exc:
             raise OutputError(f"{self.path}: not an OME-Zarr store written by wsi-grunet ({exc})") from None
         self.name = ms.get("name", "")
-        self.pixel_um = float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][0])
-        self.chunk = int(level0.chunks[0])
-        self.shard = int(level0.shards[0]) if level0.shards else self.chunk
-        self.shapes = [tuple(root[d["path"]].shape) for d in ms["datasets"]]
+        self.rgb = level0.ndim == 3
+        self.pixel_um = float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1])
+        self.chunk = int(level0.chunks[-1])
+        self.shard = int(level0.shards[-1]) if level0.shards else self.chunk
+        self.shapes = [tuple(root[d["path"]].shape[-2:]) for d in ms["datasets"]]
         return self
 
     def __reduce__(self):
@@ -256,18 +287,18 @@ class OmeZarrWriter:
         return list(shard_boxes(self.shapes[level], self.shard_shape(level)))
 
     def _create(self) -> None:
-        root = zarr.create_group(
-            store=str(self.path),
-            zarr_format=3,
-            attributes={
-                "ome": {
-                    "version": OME_VERSION,
-                    "multiscales": _multiscales(
-                        self.name, self.levels, self.pixel_um, "mean", "nucleus probability; value = round(p * 255)"
-                    ),
-                }
-            },
-        )
+        description = "nucleus probability; value = round(p * 255)"
+        if self.rgb:
+            description = (
+                "c = 0: nucleus probability, value = round(p * 255); c = 1, 2, 3: the slide's red, green, blue"
+            )
+        ome: dict = {
+            "version": OME_VERSION,
+            "multiscales": _multiscales(self.name, self.levels, self.pixel_um, "mean", description, channels=self.rgb),
+        }
+        if self.rgb:
+            ome["omero"] = _omero(self.name)
+        root = zarr.create_group(store=str(self.path), zarr_format=3, attributes={"ome": ome})
         labels = root.create_group("labels", attributes={"ome": {"version": OME_VERSION, "labels": [LABELS_NAME]}})
         nuclei = labels.create_group(
             LABELS_NAME,
@@ -284,32 +315,52 @@ class OmeZarrWriter:
                 }
             },
         )
-        for group, dtype in ((root, np.uint8), (nuclei, np.int32)):
+        lead: tuple[int, ...] = (len(RGB_CHANNELS),) if self.rgb else ()
+        for group, dtype, channels in ((root, np.uint8, lead), (nuclei, np.int32, ())):
             for level, shape in enumerate(self.shapes):
                 group.create_array(
                     name=str(level),
-                    shape=shape,
+                    shape=(*channels, *shape),
                     dtype=dtype,
-                    chunks=(self.chunk, self.chunk),
-                    shards=self.shard_shape(level),
+                    chunks=(*[1] * len(channels), self.chunk, self.chunk),  # one channel per chunk
+                    shards=(*channels, *self.shard_shape(level)),  # all channels of a region in one shard
                     compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
                     fill_value=0,
-                    dimension_names=("y", "x"),
+                    dimension_names=("c", "y", "x") if channels else ("y", "x"),
                 )
 
     def _write(self, array_path: str, box: Box, values: np.ndarray, what: str) -> None:
         check_shard_aligned(box, self.shape, self.shard_shape(0), f"{self.path}: {what}")
-        if values.shape != box.shape:
+        if values.shape[-2:] != box.shape:
             raise ValueError(f"{self.path}: {what} values {values.shape} do not match box {box.shape}")
         array = zarr.open_array(store=str(self.path), path=array_path, mode="r+")
+        region = (slice(None), *box.slices()) if values.ndim == 3 else box.slices()
         try:
-            array[box.slices()] = values
+            array[region] = values
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot write {what} ({exc.strerror or exc})") from None
 
-    def write_probability(self, box: Box, values: np.ndarray) -> None:
-        """Write level-0 probability (float in [0, 1], or uint8 already scaled) for a shard-aligned box."""
-        self._write("0", box, probability_to_uint8(np.asarray(values)), "probability")
+    def write_probability(self, box: Box, values: np.ndarray, rgb: np.ndarray | None = None) -> None:
+        """Write level-0 probability (float in [0, 1], or uint8 already scaled) for a shard-aligned box.
+
+        A store with the RGB slide needs ``rgb`` (uint8 (H, W, 3) of the same box) in the same call: both
+        go into the same shards, so they are written together by the one writer of those shards.
+        """
+        probability = probability_to_uint8(np.asarray(values))
+        if not self.rgb:
+            if rgb is not None:
+                raise ValueError(f"{self.path}: this store has no RGB channels (create it with rgb=True)")
+            self._write("0", box, probability, "probability")
+            return
+        if rgb is None:
+            raise ValueError(f"{self.path}: this store holds the RGB slide: write the probability with its rgb")
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.shape != (*box.shape, 3):
+            raise ValueError(f"{self.path}: rgb must be uint8 {(*box.shape, 3)}, got {rgb.dtype} {rgb.shape}")
+        if probability.shape != box.shape:
+            raise ValueError(f"{self.path}: probability values {probability.shape} do not match box {box.shape}")
+        stacked = np.concatenate([probability[None], np.moveaxis(rgb, -1, 0)], axis=0)
+        self._write("0", box, stacked, "probability and RGB")
 
     def write_labels(self, box: Box, labels: np.ndarray) -> None:
         """Write level-0 nucleus ids (non-negative, fit int32) for a shard-aligned box."""
@@ -336,4 +387,3 @@ class OmeZarrWriter:
             else:
                 # list() waits for the level and re-raises the first task error.
                 list(executor.map(downsample_shard, *zip(*tasks)))
-
