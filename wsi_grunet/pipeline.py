@@ -156,12 +156,15 @@ def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle
         shutil.rmtree(tmp_dir)
     work_dir = tmp_dir / "work"
     work_dir.mkdir(parents=True)
-    plan.save(tmp_dir / "plan.json")
-    zarr_path = None
-    if "zarr" in cfg.output.formats:
-        zarr_path = tmp_dir / f"{final_dir.name}.ome.zarr"
-        OmeZarrWriter(zarr_path, plan.model_shape, plan.model_mpp, shard=plan.core, chunk=cfg.output.chunk,
-                      levels=cfg.output.pyramid_levels, name=final_dir.name, rgb=cfg.output.slide_rgb)
+    zarr_path = tmp_dir / f"{final_dir.name}.ome.zarr" if "zarr" in cfg.output.formats else None
+    try:
+        plan.save(tmp_dir / "plan.json")
+        if zarr_path is not None:
+            OmeZarrWriter(zarr_path, plan.model_shape, plan.model_mpp, shard=plan.core, chunk=cfg.output.chunk,
+                          levels=cfg.output.pyramid_levels, name=final_dir.name, rgb=cfg.output.slide_rgb)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     ctx = TileContext(model_shape=plan.model_shape, halo=plan.halo, params=postprocess_params(bundle, cfg),
                       model_mpp=plan.model_mpp, level0_per_model=plan.level0_per_model, work_dir=str(work_dir),
                       zarr_path=None if zarr_path is None else str(zarr_path),
