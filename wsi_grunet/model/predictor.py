@@ -63,12 +63,23 @@ TTA_TRANSFORMS: dict[str, tuple[Transform, ...]] = {
 }
 
 
-def choose_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
+def choose_device(requested: str = "auto", key: str = "model.device") -> torch.device:
+    """``auto`` (CUDA when present) | ``cpu`` | ``cuda`` | ``cuda:N``; a ConfigError names ``key`` otherwise."""
+    text = str(requested).strip()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {requested!r} was requested but CUDA is not available")
+    parts = text.split(":")
+    if not (text == "cpu" or (parts[0] == "cuda" and (len(parts) == 1 or (len(parts) == 2 and parts[1].isdigit())))):
+        raise ConfigError(f"{key}: {requested!r} is not a device; allowed: auto, cpu, cuda or cuda:N")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}: {requested!r} needs CUDA, which is not available here (torch {torch.__version__}, "
+                              f"CUDA build: {torch.version.cuda or 'no'}); allowed here: auto or cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}: {requested!r}: this machine has {count} CUDA device(s); allowed: cuda:0 to "
+                              f"cuda:{count - 1}")
     return device
 
 
@@ -141,6 +152,7 @@ class Predictor:
     ``amp``: auto | bf16 | fp16 | fp32 (autocast precision; fp32 = none); ``channels_last``: auto |
     True | False; ``tta``: auto | none | flips | rot4 | dihedral; ``threads``: CPU threads (None: the
     cores this process may use). ``auto`` values resolve for the device, see the module docstring.
+    The predictor takes the bundle's model over: it is moved to the device and layout in place.
     """
 
     def __init__(self, bundle: ModelBundle, device: str = "auto", amp: str = "auto", channels_last: Any = "auto",
@@ -171,7 +183,7 @@ class Predictor:
         self.transforms = TTA_TRANSFORMS[self.tta]
         self.model = bundle.model.to(self.device).eval()
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.has_distance = bundle.model.config.aux_distance_head
         self._pinned: dict[tuple[int, ...], torch.Tensor] = {}
 
