@@ -27,3 +27,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A narrow, untrained GRU-Net checkpoint at 0.5 um/px: fast on CPU, for plumbing tests."""
+    import torch
+
+    from wsi_grunet.model.checkpoint import save_checkpoint
+    from wsi_grunet.model.grunet import GRUNet, GRUNetConfig
+
+    torch.manual_seed(0)
+    model = GRUNet(GRUNetConfig(base_filters=4, attention_width=8)).eval()
+    out = tmp_path_factory.mktemp("tiny") / "tiny"
+    save_checkpoint(out, model, {"mpp": 0.5, "patch_size": 256, "threshold": 0.5, "trained": False})
+    return out

@@ -67,7 +67,8 @@ def test_segment_places_and_sizes_nuclei_at_either_pixel_size(weights, tmp_path,
     out = tmp_path / "labels"
     # tiles smaller than the image at 0.25 um/px (384 x 256 model pixels): the tiled path runs
     code = main(["segment", str(images), "--out", str(out), "--mpp", str(mpp), "--weights", str(weights),
-                 "--device", "cpu", "--quiet", "--set", "tiling.tile_size=256", "tiling.halo=64"])
+                 "--device", "cpu", "--quiet", "--set", "tiling.tile_size=256", "tiling.halo=64",
+                 "output.chunk=64"])
     assert code == 0
     labels = np.asarray(Image.open(out / "field.png"))
     assert labels.shape == rgb.shape[:2] and labels.dtype == np.uint16

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import WsiGrunetError
+from .errors import ConfigError, WsiGrunetError
 
 log = logging.getLogger("wsi_grunet")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -56,6 +56,14 @@ def _overrides(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def _check_device(cfg) -> None:
+    """A device that cannot be used is a configuration error, raised before any slide is read."""
+    if cfg.model.backend == "driver" and cfg.model.weights != "null-model":  # "workers": the model runs elsewhere
+        from .model.predictor import choose_device
+
+        choose_device(cfg.model.device)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from distributed import Client, LocalCluster
 
@@ -67,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for noisy in ("distributed", "bokeh", "tornado"):  # distributed configures its loggers on import
         logging.getLogger(noisy).setLevel(logging.ERROR)
     cfg = load_config(args.config, _overrides(args))
+    _check_device(cfg)
     paths = [Path(p) for p in args.slides]
     if args.example:
         from .examples import example_slide
@@ -106,13 +115,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .model.checkpoint import resolve_weights
     from .slide.discovery import find_slides
     from .slide.reader import describe, inspect_slide
 
-    bundle = resolve_weights(args.weights)
+    cfg = load_config(args.config, _overrides(args))
+    bundle = resolve_weights(cfg.model.weights)
     for entry in find_slides([Path(p) for p in args.slides]):
-        print(describe(inspect_slide(entry.path), target_mpp=bundle.mpp, mpp_override=args.mpp))
+        print(describe(inspect_slide(entry.path), target_mpp=bundle.mpp, mpp_override=cfg.slide.mpp))
         print(f"Output name: {entry.name}")
         print()
     print(f"model: {bundle.status_line}")
@@ -143,6 +154,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, _overrides(args))
+    _check_device(cfg)
     return _segment_images(cfg, args.images, args.out, args.image_mpp, args.save_probability, args.quiet)
 
 
@@ -154,7 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, [parse_override(text) for text in args.set or []])
     info = train([Path(d) for d in args.data], Path(args.out), cfg, labels_dir=args.labels_dir, mpp=args.data_mpp,
                  progress=not args.quiet)
-    print(f"trained {info['step']} steps in {info['minutes']:.1f} min; best validation soft Dice {info['best']:.4f}; "
+    print(f"trained {info['step']} steps in {info['minutes']:.1f} min; best validation {cfg.select_by} "
+          f"{info['best']:.4f} (select images); "
           f"checkpoint {Path(args.out).with_suffix('.safetensors')}")
     return EXIT_OK
 
@@ -171,10 +184,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.images is not None and args.image_mpp is None:
         log.error("--images needs --mpp (the images' microns per pixel)")
         return EXIT_USAGE
+    cfg = load_config(args.config, _overrides(args))
+    if args.images is not None:
+        _check_device(cfg)
     with tempfile.TemporaryDirectory(prefix="wsi-grunet-eval-") as tmp:
         pred, prob = args.pred, args.prob
         if args.images is not None:
-            cfg = load_config(None, _overrides(args))
             if _segment_images(cfg, args.images, tmp, args.image_mpp, True, args.quiet) != EXIT_OK:
                 return EXIT_FAILED
             pred, prob = tmp, tmp
@@ -184,6 +199,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_json(result, Path(args.out))
         print(f"metrics written to {args.out}")
     return EXIT_OK
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see configs/default.yaml), merged over the defaults")
+    p.add_argument("--set", nargs="+", metavar="SECTION.KEY=VALUE", help="override any config value")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser, model: bool = True) -> None:
         p.add_argument("--quiet", action="store_true", help="only warnings and the summary; no progress bars")
         if model:
-            p.add_argument("--config", help="YAML config (see configs/default.yaml); values override the defaults")
+            p.add_argument("--config", help="YAML config (see configs/default.yaml), merged over the defaults")
             p.add_argument("--weights", help="checkpoint (.safetensors + .json); default: the packaged weights; "
                                              "'untrained' for a random model")
             p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -218,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tile-size", type=int, help="model pixels per tile, halo included (multiple of 16)")
     run.add_argument("--halo", type=int, help="context pixels on each tile side, wider than any nucleus (multiple of 16)")
     run.add_argument("--batch-size", type=int, help="tiles per forward pass")
-    run.add_argument("--amp", choices=["bf16", "fp16", "off"], help="autocast precision on CUDA")
+    run.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"],
+                     help="autocast precision (fp32: none; auto: bf16 on CUDA and on CPUs with native bf16)")
     run.add_argument("--workers", type=int, help="CPU worker processes of the local Dask cluster")
     run.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster")
     run.add_argument("--overwrite", action="store_true", help="redo slides whose finished results exist")
@@ -229,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("slides", nargs="+", metavar="SLIDE")
     info.add_argument("--mpp", type=float, help="microns per pixel to assume")
     info.add_argument("--weights", help="checkpoint whose resolution to plan for")
+    _config_options(info)
     info.set_defaults(func=cmd_info)
 
     seg = sub.add_parser("segment", help="segment nuclei in ordinary image files (tif, png, jpg)",
@@ -264,15 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device")
     ev.add_argument("--out", help="write metrics as JSON here")
     ev.add_argument("--quiet", action="store_true")
+    _config_options(ev)
     ev.set_defaults(func=cmd_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (or --help / --version)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _setup_logging(getattr(args, "quiet", False))
     try:
         return args.func(args)
+    except ConfigError as exc:  # names the setting, the value and what is allowed
+        log.error("%s", exc)
+        return EXIT_USAGE
     except WsiGrunetError as exc:
         log.error("%s", exc)
         return EXIT_USAGE if args.command != "run" else EXIT_FAILED

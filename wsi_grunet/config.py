@@ -1,21 +1,40 @@
-"""Run configuration: frozen dataclasses filled from YAML files in ``configs/`` and CLI overrides.
+"""Run and training configuration: frozen dataclasses, validated when loaded.
 
-Every value has a default here; ``configs/default.yaml`` spells the same defaults out for users to
-copy. Unknown keys are rejected so that a typo never silently falls back to a default.
+The dataclasses below are the one place that holds the defaults; ``configs/default.yaml``,
+``configs/cluster/slurm.yaml`` and ``configs/train.yaml`` spell the same values out for users to copy
+(a test keeps them equal). Loading merges, in order: those files <- ``--config FILE`` <- command-line
+overrides; then every key is checked for type, range and allowed values, and the sections against
+each other, before any slide is touched. Unknown keys are rejected so that a typo never silently
+falls back to a default. Errors name the dotted key, the value given and what is allowed, e.g.
+``model.amp: 'fp33' is not one of auto, bf16, fp16, fp32``.
+
+Field annotations say what a key accepts: ``int``, ``float`` (integers accepted), ``str``, ``bool``,
+``typing.Literal[...]`` choices, ``X | None`` (YAML ``null``), unions such as ``bool | Literal["auto"]``,
+and ``tuple[X, ...]`` / ``list[X]`` (a YAML list, or one comma-separated string). Ranges and other
+checks sit in the field metadata (``min``, ``max``, ``gt``, ``lt``, ``multiple_of``, ``min_len``,
+``unique``, ``check``), written with :func:`option`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .errors import ConfigError
+
+__all__ = [
+    "ConfigError", "InvalidValue", "RunConfig", "TrainConfig", "SlurmOptions", "load_config", "load_train_config",
+    "parse_override", "read_yaml", "build_dataclass", "config_file", "option",
+]
+
 
 def config_file(name: str) -> Path:
     """A file of ``configs/``: the source tree's when running from it, else the installed copy."""
@@ -24,34 +43,293 @@ def config_file(name: str) -> Path:
 
 
 DEFAULT_CONFIG_PATH = config_file("default.yaml")
+SLURM_CONFIG_PATH = config_file("cluster/slurm.yaml")
+TRAIN_CONFIG_PATH = config_file("train.yaml")
+
+
+class InvalidValue(ConfigError):
+    """A value fails its check; ``keys`` are the dotted keys involved (for naming where they were set)."""
+
+    def __init__(self, message: str, *keys: str) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+# --- YAML ---------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans, so ``off``/``no``/``on``/``yes`` stay text (a bool
+    field still accepts them, an ``amp: off`` is not silently ``false``); ``12:00:00`` stays text (no
+    base-60 integers, it is a walltime); ``1e-6`` is a number; ``010`` is ten."""
+
+
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    return int(text, 16) if text.startswith("0x") else int(text)
+
+
+_Loader.add_constructor(_INT, _construct_int)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text the way config files are read (see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: Path | str) -> dict[str, Any]:
+    try:
+        data = yaml_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of keys")
+    return data
+
+
+# --- field checks -------------------------------------------------------------------------------------
+
+
+def option(default: Any, *, min: float | None = None, max: float | None = None, gt: float | None = None,
+           lt: float | None = None, multiple_of: int | None = None, min_len: int | None = None, unique: bool = False,
+           check: Callable[[Any], str | None] | None = None, allowed: str | None = None) -> Any:
+    """A dataclass field with checks: ``min``/``max`` inclusive, ``gt``/``lt`` exclusive bounds,
+    ``multiple_of``, ``min_len``/``unique`` for lists, ``check(value) -> problem or None`` with
+    ``allowed`` describing what it accepts."""
+    meta = {"min": min, "max": max, "gt": gt, "lt": lt, "multiple_of": multiple_of, "min_len": min_len,
+            "unique": unique, "check": check, "allowed": allowed}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None and v is not False})
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _range_text(meta: typing.Mapping[str, Any]) -> str:
+    parts = []
+    if "gt" in meta:
+        parts.append(f"> {meta['gt']:g}")
+    if "min" in meta:
+        parts.append(f">= {meta['min']:g}")
+    if "lt" in meta:
+        parts.append(f"< {meta['lt']:g}")
+    if "max" in meta:
+        parts.append(f"<= {meta['max']:g}")
+    if "multiple_of" in meta:
+        parts.append(f"a multiple of {meta['multiple_of']}")
+    return " and ".join(parts)
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    """The literal spellings an annotation accepts, when it accepts only such (plus bool/None)."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return [_show(v) if not isinstance(v, str) else v for v in typing.get_args(annotation)]
+    if annotation is bool:
+        return ["true", "false"]
+    if annotation is type(None):
+        return ["null"]
+    if origin in (typing.Union, types.UnionType):
+        out: list[str] = []
+        for option_ in typing.get_args(annotation):
+            sub = _choices(option_)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    return None
+
+
+def describe(annotation: Any, meta: typing.Mapping[str, Any] | None = None) -> str:
+    """What an annotation (with its field checks) accepts, in words."""
+    meta = meta or {}
+    if "allowed" in meta:
+        text = str(meta["allowed"])
+        return text + (", or null" if _optional(annotation) else "")
+    choices = _choices(annotation)
+    if choices is not None:
+        return "one of " + ", ".join(choices)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        parts = [describe(a, meta) for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join(parts) + (" or null" if _optional(annotation) else "")
+    if origin in (list, tuple):
+        return f"a list of {describe(typing.get_args(annotation)[0])}".replace("of one of", "of")
+    names = {int: "an integer", float: "a number", str: "a string"}
+    text = names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    bounds = _range_text(meta)
+    return f"{text} {bounds}" if bounds else text
+
+
+def _optional(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a type annotation; return it in the field's own type."""
+    origin = typing.get_origin(annotation)
+    wrong = InvalidValue(f"{key}: {_show(value)} is not {describe(annotation)}", key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in typing.get_args(annotation):
+                return None
+            raise wrong
+        # Literal spellings first, so "auto" is not read as a string or a bool word
+        options = sorted((a for a in typing.get_args(annotation) if a is not type(None)),
+                         key=lambda a: typing.get_origin(a) is not Literal)
+        for candidate in options:
+            try:
+                return _coerce(value, candidate, key)
+            except InvalidValue:
+                continue
+        raise wrong
+    if origin is Literal:
+        for choice in typing.get_args(annotation):
+            if type(value) is type(choice) and value == choice:
+                return value
+        raise InvalidValue(f"{key}: {_show(value)} is not {describe(annotation)}", key)
+    if origin in (list, tuple):
+        item_type = typing.get_args(annotation)[0]
+        if isinstance(value, str):  # --set output.formats=zarr,geojson
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        items = [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise wrong
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise wrong
+    raise InvalidValue(f"{key}: unsupported annotation {annotation!r}", key)
+
+
+def _check_field(value: Any, annotation: Any, meta: typing.Mapping[str, Any], key: str) -> None:
+    """Ranges and custom checks from the field metadata (``None`` always passes: it was allowed by type)."""
+    if value is None:
+        return
+    allowed = describe(annotation, meta)
+    if isinstance(value, (list, tuple)):
+        if "min_len" in meta and len(value) < meta["min_len"]:
+            raise InvalidValue(f"{key}: {list(value)!r} needs at least {meta['min_len']} item(s); allowed: {allowed}", key)
+        if meta.get("unique") and len(set(value)) != len(value):
+            raise InvalidValue(f"{key}: {list(value)!r} names an item twice", key)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:  # NaN passes no comparison
+            raise InvalidValue(f"{key}: nan is not allowed; allowed: {allowed}", key)
+        broken = (("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"])
+                  or ("gt" in meta and value <= meta["gt"]) or ("lt" in meta and value >= meta["lt"])
+                  or ("multiple_of" in meta and value % meta["multiple_of"]))
+        if broken:
+            raise InvalidValue(f"{key}: {_show(value)} is out of range; allowed: {allowed}", key)
+    if "check" in meta:
+        problem = meta["check"](value)
+        if problem:
+            raise InvalidValue(f"{key}: {_show(value)} {problem}; allowed: {allowed}", key)
+
+
+def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
+    """Build a (nested) frozen dataclass from a mapping: unknown keys rejected, every value checked.
+
+    ``where`` is the dotted prefix of the keys (empty for the top level).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidValue(f"{where or 'config'}: expected a mapping of keys, got {_show(data)}", where)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise InvalidValue(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known keys"
+                           f"{' of ' + where if where else ''}: {', '.join(fields)}", *(prefix + k for k in unknown))
+    kwargs = {}
+    for name, value in data.items():
+        annotation, key = hints[name], f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = build_dataclass(typing.cast(type, annotation), value, key)
+        else:
+            kwargs[name] = _coerce(value, annotation, key)
+            _check_field(kwargs[name], annotation, fields[name].metadata, key)
+    return cls(**kwargs)
+
+
+def _device_problem(value: str) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|cuda|cuda:\d+", value) else "is not a device"
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+# --- run configuration --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ModelOptions:
-    weights: str | None = None  # None: the weights packaged with wsi-grunet
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 8
-    amp: str = "bf16"  # bf16 | fp16 | off (autocast is used on CUDA only)
-    channels_last: bool = False
+    weights: str | None = option(None, check=lambda v: "is empty" if not v.strip() else None,
+                                 allowed="a checkpoint path, 'untrained' or 'null-model'")  # None: packaged weights
+    device: str = option("auto", check=_device_problem, allowed=DEVICE_CHOICES)
+    batch_size: int = option(8, min=1)  # tiles per forward pass
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast precision; fp32: none
+    channels_last: bool | Literal["auto"] = "auto"  # memory layout of the input batch
+    threads: int | None = option(None, min=1)  # CPU threads of the model; None: the cores available
+    tta: Literal["auto", "none", "flips", "rot4", "dihedral"] = "auto"  # test-time augmentation
+    backend: Literal["driver", "workers"] = "driver"  # model in the driver process, or on GPU-resource workers
 
 
 @dataclass(frozen=True)
 class SlideOptions:
-    mpp: float | None = None  # overrides the slide's own microns per pixel
+    mpp: float | None = option(None, gt=0)  # overrides the slide's own microns per pixel
 
 
 @dataclass(frozen=True)
 class TilingOptions:
-    tile_size: int = 1152  # model pixels read per tile, halo included (core 1024)
-    halo: int = 64  # model pixels of context on each side of a tile's core
+    tile_size: int = option(1152, min=32, multiple_of=16)  # model pixels read per tile, halo included
+    halo: int = option(64, min=0, multiple_of=16)  # model pixels of context on each side of a tile's core
 
     def __post_init__(self) -> None:
-        if self.halo < 0 or self.halo % 16 or self.tile_size % 16:
-            raise ConfigError("tiling.tile_size and tiling.halo must be non-negative multiples of 16")
         if self.tile_size - 2 * self.halo < 16:
-            raise ConfigError(
-                f"tiling.tile_size ({self.tile_size}) must exceed twice the halo ({self.halo}) by 16 or more"
-            )
+            raise InvalidValue(
+                f"tiling.tile_size: {self.tile_size} leaves no tile core with tiling.halo {self.halo}; "
+                f"allowed: tile_size - 2*halo >= 16 (here at least {2 * self.halo + 16})",
+                "tiling.tile_size", "tiling.halo")
 
     @property
     def core(self) -> int:
@@ -61,36 +339,99 @@ class TilingOptions:
 @dataclass(frozen=True)
 class TissueOptions:
     enabled: bool = True
-    thumbnail_mpp: float = 8.0  # resolution the tissue mask is computed at
-    min_region_um2: float = 20000.0  # tissue specks smaller than this are ignored
-    dilation_um: float = 64.0  # margin kept around detected tissue
+    thumbnail_mpp: float = option(8.0, gt=0)  # resolution the tissue mask is computed at
+    min_region_um2: float = option(20000.0, min=0)  # tissue specks smaller than this are ignored
+    dilation_um: float = option(64.0, min=0)  # margin kept around detected tissue
 
 
 @dataclass(frozen=True)
 class PostprocessOptions:
     """``None`` means: use the value stored with the model weights (tuned on validation data)."""
 
-    threshold: float | None = None
-    min_area_um2: float | None = None
-    marker_threshold: float | None = None
-    marker_min_distance_um: float | None = None
-    compactness: float | None = None
+    threshold: float | None = option(None, min=0, lt=1)
+    min_area_um2: float | None = option(None, min=0)
+    marker_threshold: float | None = option(None, min=0, lt=1)
+    marker_min_distance_um: float | None = option(None, min=0)
+    compactness: float | None = option(None, min=0)
+
+
+def _address_problem(value: str) -> str | None:
+    if re.fullmatch(r"(tcp|tls|ucx)://[^\s/]+", value) or re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", value):
+        return None
+    return "is not a scheduler address"
 
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    scheduler: str | None = None  # address of an existing dask scheduler; None starts a local cluster
-    workers: int = 2  # CPU worker processes of the local cluster
-    threads_per_worker: int = 1
-    tiles_in_flight: int = 32  # bound on tiles read but not yet post-processed (memory cap)
+    kind: Literal["local", "slurm"] = "local"  # local: worker processes on this machine; slurm: batch jobs
+    scheduler: str | None = option(None, check=_address_problem,  # an existing dask scheduler
+                                   allowed="tcp://, tls:// or ucx://host:port, or host:port")
+    workers: int = option(2, min=1)  # CPU worker processes of the local cluster
+    threads_per_worker: int = option(1, min=1)
+    tiles_in_flight: int = option(32, min=1)  # bound on tiles read but not yet post-processed (memory cap)
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None and self.kind == "slurm":
+            raise InvalidValue("cluster.scheduler: an existing scheduler and cluster.kind slurm (which starts one) "
+                               "exclude each other; allowed: set one of them", "cluster.scheduler", "cluster.kind")
+
+
+def _walltime_problem(value: str) -> str | None:
+    # SLURM's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+    ok = re.fullmatch(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}", value.strip())
+    return None if ok else "is not a SLURM walltime"
+
+
+def _memory_problem(value: str) -> str | None:
+    ok = re.fullmatch(r"\d+(\.\d+)?\s*([kKmMgGtTpP]i?)?[bB]?", value.strip())
+    return None if ok and float(re.match(r"[\d.]+", value.strip()).group()) > 0 else "is not an amount of memory"  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """One SLURM job per ``processes`` workers (dask-jobqueue); defaults in ``configs/cluster/slurm.yaml``."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    walltime: str = option("01:00:00", check=_walltime_problem, allowed="HH:MM:SS, D-HH:MM:SS or minutes, quoted")
+    cores: int = option(2, min=1)  # CPU cores per job
+    memory: str = option("4GB", check=_memory_problem, allowed="an amount such as 4GB, 16GiB or 500MB")
+    processes: int = option(1, min=1)  # dask worker processes per job (cores are split among them)
+    gpus_per_job: int = option(0, min=0)
+    jobs_min: int = option(0, min=0)  # adaptive scaling bounds
+    jobs_max: int = option(4, min=1)
+    prologue: tuple[str, ...] = ()  # shell lines run before the worker starts (module load ..., source ...)
+    job_extra_directives: tuple[str, ...] = ()  # extra #SBATCH lines, e.g. "--qos=long"
+    log_directory: str | None = None
+    local_directory: str | None = None  # worker scratch space on the node
+    python: str | None = None  # interpreter on the nodes; None: this one
+
+    def __post_init__(self) -> None:
+        if self.jobs_min > self.jobs_max:
+            raise InvalidValue(f"slurm.jobs_min: {self.jobs_min} exceeds slurm.jobs_max {self.jobs_max}; "
+                               "allowed: jobs_min <= jobs_max", "slurm.jobs_min", "slurm.jobs_max")
+        if self.processes > self.cores:
+            raise InvalidValue(f"slurm.processes: {self.processes} exceeds slurm.cores {self.cores}; allowed: "
+                               "at most one worker process per core", "slurm.processes", "slurm.cores")
+
+
+OutputFormat = Literal["zarr", "geojson", "parquet", "preview"]
+ALL_FORMATS: tuple[OutputFormat, ...] = ("zarr", "geojson", "parquet", "preview")
 
 
 @dataclass(frozen=True)
 class OutputOptions:
-    chunk: int = 256  # zarr chunk edge (pixels at model resolution)
-    preview_max_px: int = 2048
+    chunk: int = option(256, min=16, multiple_of=16)  # zarr chunk edge (model pixels); divides the tile core
+    preview_max_px: int = option(2048, min=16)
     overwrite: bool = False  # False: a slide whose finished results exist is skipped
-    pyramid_levels: int = 4
+    pyramid_levels: int = option(4, min=1)
+    formats: tuple[OutputFormat, ...] = option(ALL_FORMATS, min_len=1, unique=True)
+    slide_rgb: bool = False  # also write the RGB slide at model resolution into the OME-Zarr
+
+    def __post_init__(self) -> None:
+        if self.slide_rgb and "zarr" not in self.formats:
+            raise InvalidValue("output.slide_rgb: true needs zarr in output.formats", "output.slide_rgb",
+                               "output.formats")
 
 
 @dataclass(frozen=True)
@@ -101,56 +442,50 @@ class RunConfig:
     tissue: TissueOptions = field(default_factory=TissueOptions)
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+
+    def __post_init__(self) -> None:
+        core, chunk = self.tiling.core, self.output.chunk
+        if core % chunk:
+            hint = max(c for c in range(16, min(core, 256) + 1, 16) if core % c == 0)
+            raise InvalidValue(
+                f"output.chunk: {chunk} does not divide the tile core {core} (tiling.tile_size {self.tiling.tile_size}"
+                f" - 2*tiling.halo {self.tiling.halo}); allowed: a multiple of 16 dividing {core}, e.g. {hint}",
+                "output.chunk", "tiling.tile_size", "tiling.halo")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check a YAML value against a dataclass field annotation (ints are accepted as floats)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, str, bool) and type(value) is annotation:
-        return value
-    raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+# --- loading ------------------------------------------------------------------------------------------
 
 
-def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build a (nested) frozen dataclass from a mapping, rejecting unknown keys."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in data.items():
-        annotation = hints[name]
-        key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = build_dataclass(annotation, value or {}, key)
-        else:
-            kwargs[name] = _coerce(value, annotation, key)
+class Override(dict):  # type: ignore[type-arg]
+    """A parsed ``--set`` value that remembers its text, so errors can say where a value came from."""
+
+    text: str = ""
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``section.key=value`` into ``{"section": {"key": value}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: {dotted.strip()!r} is not a dotted key such as model.amp")
     try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from None
+        value = yaml_load(raw) if raw.strip() else None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    result = Override()
+    result.text = text
+    node: dict[str, Any] = result
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return result
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -163,75 +498,105 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def parse_override(text: str) -> dict[str, Any]:
-    """Turn ``section.key=value`` into ``{"section": {"key": value}}`` (value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
-    result: dict[str, Any] = {}
-    node = result
-    parts = dotted.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return result
+def _leaves(data: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        out += _leaves(value, dotted + ".") if isinstance(value, dict) and value else [dotted]
+    return out
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def _build(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
+    """Merge ``(source, mapping)`` layers in order and build ``cls``; errors say which source set the value."""
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for source, layer in layers:
+        data = _deep_merge(data, layer)
+        for key in _leaves(layer):
+            origin[key] = source
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a mapping of sections")
-    return data
+        return build_dataclass(cls, data)
+    except InvalidValue as exc:
+        sources = []
+        for key in exc.keys:
+            bare = re.sub(r"\[\d+\]$", "", key)
+            source = next((origin[k] for k in (bare, *_parents(bare)) if k in origin), None)
+            if source is not None and source != "defaults" and source not in sources:
+                sources.append(source)
+        suffix = f" (set {' and '.join(sources)})" if sources else ""
+        raise ConfigError(f"{exc}{suffix}") from None
+
+
+def _parents(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def _override_layers(overrides: list[dict[str, Any]] | None) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"by --set {o.text}" if isinstance(o, Override) and o.text else "on the command line", o)
+            for o in overrides or []]
+
+
+def default_layers() -> list[tuple[str, dict[str, Any]]]:
+    """The packaged defaults: ``default.yaml`` with ``cluster/slurm.yaml`` under the key ``slurm``."""
+    data: dict[str, Any] = read_yaml(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else {}
+    if SLURM_CONFIG_PATH.exists():
+        data = _deep_merge(data, {"slurm": read_yaml(SLURM_CONFIG_PATH)})
+    return [("defaults", data)]
 
 
 def load_config(path: Path | str | None = None, overrides: list[dict[str, Any]] | None = None) -> RunConfig:
-    """Defaults <- ``configs/default.yaml`` (when present) <- ``path`` <- overrides, in that order."""
-    data: dict[str, Any] = {}
-    if DEFAULT_CONFIG_PATH.exists():
-        data = read_yaml(DEFAULT_CONFIG_PATH)
+    """Defaults <- ``path`` (merged over them) <- overrides, in that order, then validated."""
+    layers = default_layers()
     if path is not None:
-        data = _deep_merge(data, read_yaml(Path(path)))
-    for override in overrides or []:
-        data = _deep_merge(data, override)
-    where = str(path) if path is not None else ""
-    return build_dataclass(RunConfig, data, where)
+        layers.append((f"in {path}", read_yaml(Path(path))))
+    return typing.cast(RunConfig, _build(RunConfig, layers + _override_layers(overrides)))
 
 
-TRAIN_CONFIG_PATH = config_file("train.yaml")
+# --- training configuration ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mpp: float = 0.5
-    crop: int = 256
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    max_steps: int = 20000
-    max_minutes: float | None = None
-    val_every: int = 250
-    seed: int = 0
-    base_filters: int = 32
-    attention_width: int = 256
-    aux_distance_head: bool = False
-    distance_weight: float = 1.0
-    amp: str = "bf16"
-    colour_jitter: float = 0.05
-    device: str = "auto"
+    mpp: float = option(0.5, gt=0)  # microns per pixel the model is trained (and later run) at
+    crop: int = option(256, min=32, multiple_of=16)  # training crop edge in model pixels
+    batch_size: int = option(8, min=1)
+    lr: float = option(1e-4, gt=0)
+    weight_decay: float = option(1e-4, min=0)
+    schedule: Literal["constant", "cosine", "step"] = "cosine"  # learning-rate schedule after warm-up
+    lr_min: float = option(1e-6, min=0)  # cosine: final learning rate
+    step_gamma: float = option(0.1, gt=0, max=1)  # step: factor applied every step_every steps
+    step_every: int = option(5000, min=1)
+    warmup_steps: int = option(0, min=0)
+    max_steps: int = option(20000, min=1)
+    max_minutes: float | None = option(None, gt=0)  # stop after this wall time (the best checkpoint is kept)
+    val_every: int = option(250, min=1)  # steps between validations
+    select_by: Literal["aji", "dice", "soft_dice"] = "aji"  # validation metric that picks the kept checkpoint
+    seed: int = option(0, min=0)
+    base_filters: int = option(32, min=1)
+    attention_width: int = option(256, min=1)
+    aux_distance_head: bool = False  # add a distance-to-background head used to split touching nuclei
+    distance_weight: float = option(1.0, min=0)
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    threads: int | None = option(None, min=1)  # CPU threads; None: the cores available
+    init_weights: str | None = option(None, check=lambda v: "is empty" if not v.strip() else None,
+                                      allowed="a checkpoint path or 'packaged'")  # start from these weights
+    colour_jitter: float = option(0.05, min=0)  # stain (HED) jitter strength
+    device: str = option("auto", check=_device_problem, allowed=DEVICE_CHOICES)
+
+    def __post_init__(self) -> None:
+        if self.schedule == "cosine" and self.lr_min > self.lr:
+            raise InvalidValue(f"lr_min: {self.lr_min:g} exceeds lr {self.lr:g}; allowed: lr_min <= lr", "lr_min", "lr")
+        if self.warmup_steps > self.max_steps:
+            raise InvalidValue(f"warmup_steps: {self.warmup_steps} exceeds max_steps {self.max_steps}; "
+                               "allowed: warmup_steps <= max_steps", "warmup_steps", "max_steps")
 
 
-def load_train_config(path: str | Path | None, overrides: list[dict[str, Any]] | None = None) -> TrainConfig:
-    data: dict[str, Any] = read_yaml(TRAIN_CONFIG_PATH) if TRAIN_CONFIG_PATH.exists() else {}
+def load_train_config(path: str | Path | None = None, overrides: list[dict[str, Any]] | None = None) -> TrainConfig:
+    """``configs/train.yaml`` <- ``path`` <- overrides (``--set key=value``), then validated."""
+    layers: list[tuple[str, dict[str, Any]]] = [
+        ("defaults", read_yaml(TRAIN_CONFIG_PATH) if TRAIN_CONFIG_PATH.exists() else {})]
     if path is not None:
-        data.update(read_yaml(Path(path)))
-    for override in overrides or []:
-        data.update(override)
-    return build_dataclass(TrainConfig, data, str(path or "train config"))
+        layers.append((f"in {path}", read_yaml(Path(path))))
+    return typing.cast(TrainConfig, _build(TrainConfig, layers + _override_layers(overrides)))
