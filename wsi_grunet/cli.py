@@ -41,6 +41,7 @@ def _overrides(args: argparse.Namespace) -> list[dict]:
         "weights": ("model", "weights"), "device": ("model", "device"), "batch_size": ("model", "batch_size"),
         "amp": ("model", "amp"), "mpp": ("slide", "mpp"), "tile_size": ("tiling", "tile_size"),
         "halo": ("tiling", "halo"), "workers": ("cluster", "workers"), "scheduler": ("cluster", "scheduler"),
+        "cluster": ("cluster", "kind"),
     }
     out = [parse_override(text) for text in getattr(args, "set", None) or []]
     for name, (section, key) in mapping.items():
@@ -65,8 +66,7 @@ def _check_device(cfg) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from distributed import Client, LocalCluster
-
+    from .cluster import open_client
     from .config import load_config
     from .model.checkpoint import resolve_weights
     from .cohort import run_cohort
@@ -90,21 +90,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     bundle = resolve_weights(cfg.model.weights)
     _mark_untrained(bundle)
-    if cfg.cluster.scheduler:
-        client, cluster = Client(cfg.cluster.scheduler), None
-    else:
-        cluster = LocalCluster(n_workers=cfg.cluster.workers, threads_per_worker=cfg.cluster.threads_per_worker,
-                               processes=True, dashboard_address=":0")
-        client = Client(cluster)
-    try:
+    # local workers, a running scheduler, or SLURM jobs; closed (jobs cancelled) on any exit, SIGTERM included
+    with open_client(cfg) as client:
         results = run_cohort(slides, Path(args.out), cfg, bundle, client, progress=not args.quiet)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     failed = [r for r in results if r.status == "failed"]
-    print(f"\n{len(results)} slide(s): {len(results) - len(failed) - sum(r.status == 'skipped' for r in results)} done, "
-          f"{sum(r.status == 'skipped' for r in results)} skipped (already finished), {len(failed)} failed")
+    busy = sum(r.status == "busy" for r in results)
+    print(f"\n{len(results)} slide(s): {sum(r.status == 'ok' for r in results)} done, "
+          f"{sum(r.status == 'skipped' for r in results)} skipped (already finished), {len(failed)} failed"
+          + (f", {busy} busy (another run is working on them)" if busy else ""))
     for r in results:
         line = f"  {r.status:8s} {r.slide}"
         line += f"  ({r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s)" if r.status == "ok" else ""
@@ -242,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="autocast precision (fp32: none; auto: bf16 on CUDA and on CPUs with native bf16)")
     run.add_argument("--workers", type=int, help="CPU worker processes of the local Dask cluster")
     run.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster")
+    run.add_argument("--cluster", choices=["local", "slurm"],
+                     help="where the Dask workers run: local processes, or SLURM jobs (settings under slurm: in the "
+                          "config, see configs/cluster/slurm.yaml)")
     run.add_argument("--overwrite", action="store_true", help="redo slides whose finished results exist")
     run.add_argument("--no-tissue-detection", action="store_true", help="process every tile, glass included")
     run.set_defaults(func=cmd_run)

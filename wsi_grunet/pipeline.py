@@ -79,6 +79,7 @@ class SlideWork:
     ledger: TaskLedger = field(default_factory=TaskLedger)
     timings: dict[str, float] = field(default_factory=dict)
     tile_run: TileRun | None = None
+    fingerprint: str | None = None  # cohort_state.slide_fingerprint, stored in report.json
 
     @property
     def tile_results(self) -> list[TileResult]:
@@ -144,13 +145,21 @@ def existing_result(slide: Path, final_dir: Path) -> dict[str, Any] | None:
     return report
 
 
-def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle: ModelBundle) -> SlideWork | SlideResult:
-    """Stage 1: plan the slide and set up its temporary folder (or report it as already finished)."""
+def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle: ModelBundle,
+                  fingerprint: str | None = None) -> SlideWork | SlideResult:
+    """Stage 1: plan the slide and set up its temporary folder (or report it as already finished).
+
+    With a ``fingerprint``, finished results count only when their report has the same one."""
     start = time.perf_counter()
     final_dir, tmp_dir = output_dirs(out_root, name)
-    if existing_result(slide, final_dir) is not None and not cfg.output.overwrite:
-        log.info("%s: finished results exist in %s, skipped (set output.overwrite to redo)", slide, final_dir)
-        return SlideResult(str(slide), "skipped", name, str(final_dir))
+    existing = existing_result(slide, final_dir)
+    if existing is not None and not cfg.output.overwrite:
+        if fingerprint is None or existing.get("fingerprint") == fingerprint:
+            log.info("%s: finished results exist in %s, skipped (set output.overwrite to redo)", slide, final_dir)
+            counts = existing.get("counts") or {}
+            return SlideResult(str(slide), "skipped", name, str(final_dir), nuclei=int(counts.get("nuclei", 0)),
+                               tiles=int(counts.get("tiles_with_tissue", 0)))
+        log.info("%s: the results in %s came from other weights, settings or slide file; redone", slide, final_dir)
     plan, thumb, thumb_um = plan_slide(slide, name, cfg, bundle.mpp)
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
@@ -169,7 +178,7 @@ def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle
                       model_mpp=plan.model_mpp, level0_per_model=plan.level0_per_model, work_dir=str(work_dir),
                       zarr_path=None if zarr_path is None else str(zarr_path),
                       rgb_reader=plan.reader_args() if zarr_path is not None and cfg.output.slide_rgb else None)
-    work = SlideWork(plan, thumb, thumb_um, final_dir, tmp_dir, ctx, start)
+    work = SlideWork(plan, thumb, thumb_um, final_dir, tmp_dir, ctx, start, fingerprint=fingerprint)
     work.timings["plan_s"] = time.perf_counter() - start
     log.info("%s: %d x %d model px at %.3f um/px, %d of %d tiles hold tissue; %s", name, plan.model_shape[1],
              plan.model_shape[0], plan.model_mpp, len(plan.tissue_tiles), len(plan.all_tiles()), bundle.status_line)
@@ -262,6 +271,7 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
     report: dict[str, Any] = {
         "status": "ok",
         "name": plan.name,
+        "fingerprint": work.fingerprint,
         "slide": {"path": str(Path(plan.slide).resolve()), **plan.slide_info, "mpp_used": plan.slide_mpp,
                   "mpp_source": "--mpp override" if plan.mpp_override else "slide"},
         "model": {"trained": bundle.trained, "status": bundle.status_line, "weights": bundle.source,
