@@ -182,7 +182,8 @@ def describe(annotation: Any, meta: typing.Mapping[str, Any] | None = None) -> s
 
 
 def _optional(annotation: Any) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -247,7 +248,8 @@ def _check_field(value: Any, annotation: Any, meta: typing.Mapping[str, Any], ke
     allowed = describe(annotation, meta)
     if isinstance(value, (list, tuple)):
         if "min_len" in meta and len(value) < meta["min_len"]:
-            raise InvalidValue(f"{key}: {list(value)!r} needs at least {meta['min_len']} item(s); allowed: {allowed}", key)
+            raise InvalidValue(f"{key}: {list(value)!r} needs at least {meta['min_len']} item(s); allowed: {allowed}",
+                               key)
         if meta.get("unique") and len(set(value)) != len(value):
             raise InvalidValue(f"{key}: {list(value)!r} names an item twice", key)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -517,12 +519,12 @@ def _build(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
     try:
         return build_dataclass(cls, data)
     except InvalidValue as exc:
-        sources = []
+        sources: list[str] = []
         for key in exc.keys:
             bare = re.sub(r"\[\d+\]$", "", key)
-            source = next((origin[k] for k in (bare, *_parents(bare)) if k in origin), None)
-            if source is not None and source != "defaults" and source not in sources:
-                sources.append(source)
+            found = next((origin[k] for k in (bare, *_parents(bare)) if k in origin), None)
+            if found is not None and found != "defaults" and found not in sources:
+                sources.append(found)
         suffix = f" (set {' and '.join(sources)})" if sources else ""
         raise ConfigError(f"{exc}{suffix}") from None
 
