@@ -217,3 +217,52 @@ def test_page_in_headless_chromium(run_folder, tmp_path):
     # The page is not blank: dark text, and the previews' pink thumbnails are on it.
     assert (pixels.sum(axis=2) < 150).sum() > 500
     assert (np.abs(pixels.astype(int) - (230, 190, 215)).sum(axis=2) < 12).sum() > 1000
+
+
+def test_cohort_run_writes_only_the_chosen_outputs_and_the_index(tmp_path):
+    """A real run (null model, real OpenSlide and Dask) with --outputs geojson,preview and one broken file."""
+    from synthetic import write_synthetic_slide
+
+    from wsi_grunet.cli import main
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_synthetic_slide(slides / "discs.svs", 600, 400, mpp=0.5, levels=1, seed=2)
+    (slides / "broken.svs").write_bytes(b"this is not a TIFF file")
+    out = tmp_path / "results"
+    code = main(
+        [
+            "run",
+            str(slides),
+            "--out",
+            str(out),
+            "--weights",
+            "null-model",
+            "--workers",
+            "1",
+            "--tile-size",
+            "256",
+            "--halo",
+            "64",
+            "--outputs",
+            "geojson,preview",
+            "--quiet",
+            "--set",
+            "output.chunk=64",
+        ]
+    )
+    assert code == 1  # one slide failed
+    folder = out / "discs"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["outputs"] == {"geojson": "nuclei.geojson.gz", "preview": "preview.png"}
+    assert sorted(p.name for p in folder.iterdir()) == ["nuclei.geojson.gz", "plan.json", "preview.png", "report.json"]
+    assert not list(out.rglob("*.ome.zarr")) and not list(out.rglob("*.parquet"))
+    parser = PageParser()
+    parser.feed((out / "index.html").read_text())
+    by_status = {row["status"]: row for row in parser.rows}
+    assert sorted(by_status) == ["failed", "ok"]
+    assert by_status["ok"]["links"] == ["discs/nuclei.geojson.gz", "discs/preview.png", "discs/report.json"]
+    assert by_status["ok"]["text"]["nuclei"].replace(",", "") == str(report["counts"]["nuclei"])
+    assert "broken.svs" in by_status["failed"]["text"]["status"]
+    for href in by_status["ok"]["links"] + by_status["ok"]["images"]:
+        assert (out / unquote(href)).exists(), href

@@ -37,6 +37,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -63,7 +64,7 @@ def level_shapes(shape: tuple[int, int], chunk: int, levels: int) -> list[tuple[
     A further level is added only while the previous one spans more than one chunk along some axis, so
     the smallest level fits in a single chunk and there is always at least one level.
     """
-    shapes = [tuple(int(s) for s in shape)]
+    shapes: list[tuple[int, int]] = [(int(shape[0]), int(shape[1]))]
     while len(shapes) < levels and max(shapes[-1]) > chunk:
         h, w = shapes[-1]
         shapes.append((ceil_div(h, 2), ceil_div(w, 2)))
@@ -83,7 +84,8 @@ def effective_chunk(shard: int, chunk: int) -> int:
 
 def level_shard(shape: tuple[int, int], shard: int, chunk: int) -> tuple[int, int]:
     """Shard shape of one level: ``shard`` per axis, shrunk to the level (in whole chunks) when smaller."""
-    return tuple(min(shard, ceil_div(s, chunk) * chunk) for s in shape)
+    height, width = (min(shard, ceil_div(s, chunk) * chunk) for s in shape)
+    return height, width
 
 
 def shard_boxes(shape: tuple[int, int], shard: tuple[int, int]) -> Iterator[Box]:
@@ -151,10 +153,10 @@ def downsample_shard(root: str, group: str, level: int, method: str, box: tuple[
     src_box = Box(2 * dst_box.y0, 2 * dst_box.x0, min(2 * dst_box.y1, height), min(2 * dst_box.x1, width))
     down = _DOWNSAMPLERS[method]
     if src.ndim == 3:  # (c, y, x): every channel of the shard in one write
-        block = src[(slice(None), *src_box.slices())]
+        block = np.asarray(src[(slice(None), *src_box.slices())])
         dst[(slice(None), *dst_box.slices())] = np.stack([down(channel) for channel in block])
     else:
-        dst[dst_box.slices()] = down(src[src_box.slices()])
+        dst[dst_box.slices()] = down(np.asarray(src[src_box.slices()]))
 
 
 def _axes(channels: bool = False) -> list[dict]:
@@ -255,8 +257,11 @@ class OmeZarrWriter:
         self.path = Path(path)
         try:
             root = zarr.open_group(store=str(self.path), mode="r")
-            ms = root.attrs["ome"]["multiscales"][0]
+            ome: Any = root.attrs["ome"]
+            ms: Any = ome["multiscales"][0]
             level0 = root["0"]
+            if not isinstance(level0, zarr.Array):
+                raise ValueError("0 is not an array")
         except (FileNotFoundError, KeyError, ValueError) as exc:
             raise OutputError(f"{self.path}: not an OME-Zarr store written by wsi-grunet ({exc})") from None
         self.name = ms.get("name", "")
@@ -264,7 +269,8 @@ class OmeZarrWriter:
         self.pixel_um = float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1])
         self.chunk = int(level0.chunks[-1])
         self.shard = int(level0.shards[-1]) if level0.shards else self.chunk
-        self.shapes = [tuple(root[d["path"]].shape[-2:]) for d in ms["datasets"]]
+        shapes = [root[d["path"]].shape[-2:] for d in ms["datasets"]]  # type: ignore[union-attr]
+        self.shapes = [(int(h), int(w)) for h, w in shapes]
         return self
 
     def __reduce__(self):
