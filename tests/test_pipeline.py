@@ -138,7 +138,10 @@ def test_run_end_to_end_outputs(disc_checkpoint, tmp_path):
     centres = np.asarray(truth["centres"])
     nearest = np.min(np.hypot(centres[:, 0][None] - cy[:, None], centres[:, 1][None] - cx[:, None]), axis=1)
     assert np.median(nearest) < 4, "centroids are not where the nuclei are in level-0 pixels"
-    assert Image.open(folder / "preview.png").size[0] > 0
+    with Image.open(folder / "preview.png") as preview:
+        preview.load()  # decodes completely: a truncated file fails here
+        pixels = np.asarray(preview.convert("RGB"))
+    assert max(pixels.shape[:2]) <= 2048 and np.ptp(pixels) > 50, "the preview should show the slide, not one colour"
     assert not list(out.glob(".*partial*")), "temporary folders were left behind"
     # A second run skips the finished slide.
     assert main(["run", str(slide), "--out", str(out), "--weights", str(disc_checkpoint), "--device", "cpu",
@@ -186,7 +189,8 @@ def test_output_path_is_a_file(tiny_checkpoint, tmp_path, caplog):
     write_synthetic_slide(slide, 256, 256, mpp=MPP, levels=1)
     blocker = tmp_path / "results"
     blocker.write_text("not a folder")
-    assert main(["run", str(slide), "--out", str(blocker), "--weights", str(tiny_checkpoint), "--quiet"]) != 0
+    assert main(["run", str(slide), "--out", str(blocker), "--weights", str(tiny_checkpoint), "--device", "cpu",
+                 "--workers", "1", "--quiet"]) == 1
     assert "not writable" in caplog.text and str(blocker) in caplog.text
 
 
