@@ -14,21 +14,40 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from wsi_grunet.config import TrainConfig
 from wsi_grunet.errors import ConfigError
 from wsi_grunet.evaluate.metrics import aji
 from wsi_grunet.model.checkpoint import load_checkpoint
 from wsi_grunet.model.grunet import GRUNet, GRUNetConfig
 from wsi_grunet.postprocess import PostprocessParams, label_nuclei
-from wsi_grunet.train.augment import random_dihedral, stain_jitter
+from wsi_grunet.train.augment import (
+    brightness_contrast,
+    random_blur,
+    random_dihedral,
+    random_scale_edge,
+    resize_crop,
+    stain_jitter,
+)
 from wsi_grunet.train.data import dataset_spec, known_datasets, load_dataset
-from wsi_grunet.config import TrainConfig
-from wsi_grunet.train.loop import segmentation_loss, train
+from wsi_grunet.train.loop import learning_rate, resolve_speed, segmentation_loss, train, validate
 from wsi_grunet.train.tune import ValidationItem, default_grid, tune_postprocess
 
 PINK = (235, 170, 205)
 HAEMATOXYLIN = (90, 40, 130)
-TINY = TrainConfig(base_filters=4, attention_width=8, crop=64, batch_size=4, lr=1e-3, val_every=5, seed=0,
-                   device="cpu", amp="off", colour_jitter=0.05)
+TINY = TrainConfig(
+    base_filters=4,
+    attention_width=8,
+    crop=64,
+    batch_size=4,
+    lr=1e-3,
+    val_every=5,
+    seed=0,
+    device="cpu",
+    amp="fp32",
+    channels_last=False,
+    threads=1,
+    colour_jitter=0.05,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,7 +112,7 @@ def test_tiny_training_run_lowers_the_loss(dataset, tmp_path):
     torch.manual_seed(TINY.seed)
     initial = GRUNet(arch)  # train() seeds the same way before building its model
     final = GRUNet(arch)
-    final.load_state_dict({k[len("model."):]: v for k, v in state_tensors(out).items() if k.startswith("model.")})
+    final.load_state_dict({k[len("model.") :]: v for k, v in state_tensors(out).items() if k.startswith("model.")})
     samples = sum(load_dataset(dataset, 0.5)[:2], [])
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
     fg = torch.from_numpy(np.stack([s.labels > 0 for s in samples])[:, None]).float()
@@ -109,11 +128,13 @@ def test_tiny_training_run_lowers_the_loss(dataset, tmp_path):
     assert bundle.trained and bundle.mpp == 0.5
     assert bundle.model.config.base_filters == 4 and bundle.model.config.attention_width == 8
     assert bundle.metadata["patch_size"] == 64
-    best = max(history, key=lambda h: h["soft_dice"])
+    best = max(history, key=lambda h: h["aji"])  # select_by: aji (the default)
     assert bundle.metadata["training"]["step"] == best["step"]
-    assert info["best"] == pytest.approx(best["soft_dice"])
+    assert info["best"] == pytest.approx(best["aji"])
     (source,) = bundle.metadata["training"]["data"]
     assert source["validation_images"] == ["tile3"] and source["train_images"] == ["tile0", "tile1", "tile2"]
+    assert source["select_images"] == ["tile3"] and source["report_images"] == []
+    assert bundle.metadata["training"]["selection"]["metric"] == "aji"
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(dataset, tmp_path):
@@ -150,8 +171,11 @@ def test_resume_continues_and_matches_an_uninterrupted_run(dataset, tmp_path):
     save_file(tensors, str(stripped_out) + ".state.safetensors")
     train([dataset], stripped_out, dataclasses.replace(cfg, max_steps=20), progress=False)
     stripped = state_tensors(stripped_out)
-    diff = max(float((stripped[k] - uninterrupted[k]).abs().max()) for k in stripped
-               if k.startswith("model.") and stripped[k].is_floating_point())
+    diff = max(
+        float((stripped[k] - uninterrupted[k]).abs().max())
+        for k in stripped
+        if k.startswith("model.") and stripped[k].is_floating_point()
+    )
     assert diff > 1e-4
 
 
@@ -357,8 +381,9 @@ def validation_items() -> list[ValidationItem]:
 def test_tune_postprocess_picks_the_highest_aji():
     items = validation_items()
     mpp = 0.5
-    grid = [{"threshold": t, "marker_min_distance_um": d, "min_area_um2": 4.0}
-            for t in (0.2, 0.4, 0.6) for d in (1.5, 6.0)]
+    grid = [
+        {"threshold": t, "marker_min_distance_um": d, "min_area_um2": 4.0} for t in (0.2, 0.4, 0.6) for d in (1.5, 6.0)
+    ]
     result = tune_postprocess(items, mpp, grid)
 
     # score every grid point independently (tnbc images do not steer the instance objective)
@@ -384,3 +409,169 @@ def test_default_grid_shapes():
     assert len(distance) == 45 and all("marker_threshold" in g for g in distance)
     for values in semantic + distance:
         PostprocessParams().with_overrides(**values)  # every point is a valid parameter set
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules
+
+
+def test_cosine_decays_monotonically_from_lr_to_lr_min():
+    cfg = dataclasses.replace(TINY, schedule="cosine", lr=1e-3, lr_min=1e-5, max_steps=100, warmup_steps=0)
+    rates = [learning_rate(step, cfg) for step in range(101)]
+    assert rates[0] == pytest.approx(1e-3) and rates[100] == pytest.approx(1e-5)
+    assert rates[50] == pytest.approx((1e-3 + 1e-5) / 2)  # half-way down at half-time
+    assert all(b < a for a, b in zip(rates, rates[1:]))
+    assert learning_rate(500, cfg) == pytest.approx(1e-5)  # past the end it stays at lr_min
+
+
+def test_warmup_ramps_linearly_then_the_cosine_starts_at_lr():
+    cfg = dataclasses.replace(TINY, schedule="cosine", lr=1e-3, lr_min=0.0, max_steps=104, warmup_steps=4)
+    assert [learning_rate(s, cfg) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert learning_rate(4, cfg) == pytest.approx(1e-3)
+    assert learning_rate(54, cfg) == pytest.approx(5e-4)  # the cosine runs over the 100 steps after warm-up
+    assert learning_rate(104, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_and_constant_schedules():
+    step = dataclasses.replace(TINY, schedule="step", lr=1e-2, step_gamma=0.5, step_every=10, warmup_steps=0)
+    assert [learning_rate(s, step) for s in (0, 9, 10, 19, 20, 35)] == pytest.approx(
+        [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3, 1.25e-3]
+    )
+    constant = dataclasses.replace(TINY, schedule="constant", lr=3e-4, warmup_steps=0)
+    assert {learning_rate(s, constant) for s in (0, 7, 10_000)} == {3e-4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed settings
+
+
+def test_cpu_speed_settings_follow_native_bf16():
+    auto = dataclasses.replace(TINY, amp="auto", channels_last="auto", threads=None)
+    fast = resolve_speed(auto, native_bf16=lambda: True)
+    assert (fast.amp, fast.channels_last, fast.amp_dtype) == ("bf16", True, torch.bfloat16)
+    assert fast.threads == len(__import__("os").sched_getaffinity(0))
+    slow = resolve_speed(auto, native_bf16=lambda: False)
+    assert (slow.amp, slow.channels_last, slow.amp_dtype) == ("fp32", True, None)
+    forced = resolve_speed(dataclasses.replace(auto, amp="fp32", channels_last=False, threads=1), lambda: True)
+    assert (forced.amp, forced.channels_last, forced.threads) == ("fp32", False, 1)
+
+
+def test_bf16_channels_last_training_steps_run(dataset, tmp_path):
+    cfg = dataclasses.replace(TINY, max_steps=2, val_every=2, amp="bf16", channels_last=True)
+    info = train([dataset], tmp_path / "m", cfg, progress=False)
+    assert info["step"] == 2 and np.isfinite(info["history"][-1]["loss"])
+    assert load_checkpoint(tmp_path / "m").metadata["training"]["speed"]["amp"] == "bf16"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint selection by AJI, select/report split, exact resume
+
+
+@pytest.fixture(scope="module")
+def split_dataset(tmp_path_factory) -> Path:
+    """Six tiles: tile0-3 train, tile4 select, tile5 report."""
+    root = write_dataset(tmp_path_factory.mktemp("split") / "discs", n=6, seed=3)
+    (root / "dataset.yaml").write_text(
+        yaml.safe_dump({"mpp": 0.5, "validation": ["tile4", "tile5"], "report": ["tile5"]})
+    )
+    return root
+
+
+def test_report_images_are_neither_trained_on_nor_used_for_selection(split_dataset, tmp_path):
+    train_samples, val_samples, _ = load_dataset(split_dataset, 0.5)
+    assert [s.name for s in train_samples] == ["tile0", "tile1", "tile2", "tile3"]
+    assert [(s.name, s.split) for s in val_samples] == [("tile4", "select"), ("tile5", "report")]
+    info = train([split_dataset], tmp_path / "m", dataclasses.replace(TINY, max_steps=5), progress=False)
+    assert [h["images"] for h in info["history"]] == [["tile4"]]
+    (source,) = load_checkpoint(tmp_path / "m").metadata["training"]["data"]
+    assert source["select_images"] == ["tile4"] and source["report_images"] == ["tile5"]
+
+
+def test_report_names_must_be_validation_images(tmp_path):
+    folder = write_dataset(tmp_path / "d", n=2)
+    (folder / "dataset.yaml").write_text(yaml.safe_dump({"mpp": 0.5, "validation": ["tile1"], "report": ["tile0"]}))
+    with pytest.raises(ConfigError, match="tile0.*not validation images"):
+        dataset_spec(folder)
+
+
+def test_aji_selection_keeps_the_best_step_not_a_later_worse_one(split_dataset, tmp_path):
+    out = tmp_path / "m"
+    good = dataclasses.replace(TINY, max_steps=40, val_every=10, schedule="constant")
+    train([split_dataset], out, good, progress=False, until_step=20)
+    # then a learning rate that wrecks the weights: the later validation must score worse and not be kept
+    info = train([split_dataset], out, dataclasses.replace(good, lr=3.0), progress=False, until_step=30)
+    history = info["history"]
+    assert [h["step"] for h in history] == [10, 20, 30]
+    best = max(history, key=lambda h: h["aji"])
+    assert best["aji"] > 0.2 and history[-1]["aji"] < best["aji"] - 0.1  # the construction worked
+    bundle = load_checkpoint(out)
+    assert bundle.metadata["training"]["step"] == best["step"] != 30
+    assert info["best"] == pytest.approx(best["aji"])
+    # the kept weights really score that AJI on the select image
+    speed = resolve_speed(good)
+    _, val_samples, _ = load_dataset(split_dataset, 0.5)
+    scores = validate(
+        bundle.model.float(), [s for s in val_samples if s.split == "select"], speed, 0.5, PostprocessParams()
+    )
+    assert scores["aji"] == pytest.approx(best["aji"], abs=0.02)  # float16 storage of the kept weights
+
+
+def test_interrupted_cosine_run_resumes_exactly(dataset, tmp_path):
+    cfg = dataclasses.replace(TINY, max_steps=10, val_every=4, schedule="cosine", lr=1e-3, lr_min=1e-5, warmup_steps=2)
+    parts, straight_out = tmp_path / "parts" / "m", tmp_path / "straight" / "m"
+    first = train([dataset], parts, cfg, progress=False, until_step=6)  # stops between validations
+    assert first["step"] == 6 and [h["step"] for h in first["history"]] == [4]
+    second = train([dataset], parts, cfg, progress=False)
+    straight = train([dataset], straight_out, cfg, progress=False)
+    assert second["step"] == straight["step"] == 10
+    keys = ("step", "loss", "lr", "aji", "dice", "soft_dice")
+    for a, b in zip(second["history"], straight["history"], strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    resumed, uninterrupted = state_tensors(parts), state_tensors(straight_out)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_init_weights_start_and_compete_at_step_zero(dataset, tmp_path):
+    start = tmp_path / "start"
+    train([dataset], start, dataclasses.replace(TINY, max_steps=10), progress=False)
+    cfg = dataclasses.replace(
+        TINY, max_steps=2, val_every=2, init_weights=str(start) + ".safetensors", lr=1e-9, schedule="constant"
+    )
+    info = train([dataset], tmp_path / "next", cfg, progress=False)
+    assert [h["step"] for h in info["history"]] == [0, 2]
+    begun = load_checkpoint(start)
+    assert info["history"][0]["aji"] == pytest.approx(begun.metadata["training"]["validation"]["aji"], abs=0.02)
+    meta = load_checkpoint(tmp_path / "next").metadata["training"]
+    assert meta["init"]["sha256"] == begun.sha256
+    with pytest.raises(ConfigError, match="um/px"):
+        train([dataset], tmp_path / "other", dataclasses.replace(cfg, mpp=0.25), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# More augmentation
+
+
+def test_scale_crop_keeps_masks_binary_and_sizes_in_range():
+    gen = torch.Generator().manual_seed(0)
+    edges = {random_scale_edge(256, gen) for _ in range(200)}
+    assert min(edges) >= 0.8 * 256 - 2 and max(edges) <= 1.25 * 256 + 2 and len(edges) > 20
+    image = torch.rand(3, 300, 300)
+    mask = (torch.rand(1, 300, 300) > 0.5).to(torch.uint8)
+    dist = torch.rand(1, 300, 300)
+    out, (m, d) = resize_crop(image, [(mask, True), (dist, False)], 256)
+    assert out.shape == (3, 256, 256) and m.shape == d.shape == (1, 256, 256)
+    assert set(torch.unique(m).tolist()) == {0.0, 1.0}
+    assert 0.0 <= float(d.min()) and float(d.max()) <= 1.0
+
+
+def test_blur_and_brightness_contrast_stay_in_range_and_are_seeded():
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    blurred = random_blur(images, torch.Generator().manual_seed(1), probability=1.0)
+    assert blurred.shape == images.shape and float(blurred.min()) >= 0 and float(blurred.max()) <= 1
+    assert float(blurred.std()) < float(images.std()) * 0.8  # it smooths the noise
+    assert torch.equal(random_blur(images, torch.Generator().manual_seed(1), probability=0.0), images)
+    bc = brightness_contrast(images, torch.Generator().manual_seed(2), contrast=0.5, brightness=0.2)
+    assert float(bc.min()) >= 0 and float(bc.max()) <= 1 and not torch.equal(bc, images)
+    assert torch.equal(bc, brightness_contrast(images, torch.Generator().manual_seed(2), contrast=0.5, brightness=0.2))

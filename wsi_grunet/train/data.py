@@ -25,6 +25,7 @@ class Sample:
     dataset: str
     image: np.ndarray  # uint8 (H, W, 3) at the model's mpp
     labels: np.ndarray  # int32 (H, W) at the model's mpp, 0 = background
+    split: str = "train"  # train | select (checkpoint selection, tuning) | report (reported numbers only)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ class DatasetSpec:
     mpp_per_image: dict[str, float]
     validation: tuple[str, ...]
     licence: str
+    report: tuple[str, ...] = ()  # validation images kept for reported numbers; the rest select and tune
+
+    def split_of(self, stem: str) -> str:
+        if stem in self.report:
+            return "report"
+        return "select" if stem in self.validation else "train"
 
 
 def known_datasets() -> dict[str, Any]:
@@ -61,10 +68,22 @@ def dataset_spec(folder: Path, labels_dir: str | None = None, mpp: float | None 
     pixel = mpp if mpp is not None else entry.get("mpp")
     if pixel is None:
         raise ConfigError(f"{folder}: pixel size unknown; pass --mpp or add mpp to {own}")
+    validation = tuple(str(v) for v in entry.get("validation") or ())
+    report = tuple(str(v) for v in entry.get("report") or ())
+    stray = sorted(set(report) - set(validation))
+    if stray:
+        raise ConfigError(
+            f"{folder}: report images {', '.join(stray)} are not validation images "
+            "(report must be a subset of validation)"
+        )
     return DatasetSpec(
-        name=folder.name, labels_dir=labels, mpp=float(pixel),
+        name=folder.name,
+        labels_dir=labels,
+        mpp=float(pixel),
         mpp_per_image={str(k): float(v) for k, v in (entry.get("mpp_per_image") or {}).items()},
-        validation=tuple(str(v) for v in entry.get("validation") or ()), licence=str(entry.get("licence", "unknown")),
+        validation=validation,
+        licence=str(entry.get("licence", "unknown")),
+        report=report,
     )
 
 
@@ -88,7 +107,8 @@ def resample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
+    with Image.open(path) as opened:
+        im: Image.Image = opened
         if im.mode in ("RGBA", "LA", "P"):
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -101,15 +121,26 @@ def read_labels(path: Path) -> np.ndarray:
         return np.asarray(im).astype(np.int32)
 
 
-def load_dataset(folder: Path, target_mpp: float, labels_dir: str | None = None, mpp: float | None = None) -> tuple[list[Sample], list[Sample], DatasetSpec]:
-    """Return (train, validation) samples of one dataset folder at ``target_mpp``."""
+def load_dataset(
+    folder: Path, target_mpp: float, labels_dir: str | None = None, mpp: float | None = None
+) -> tuple[list[Sample], list[Sample], DatasetSpec]:
+    """Return (train, validation) samples of one dataset folder at ``target_mpp``.
+
+    Validation samples carry ``split`` "select" or "report" (see ``DatasetSpec.report``)."""
     folder = Path(folder)
     spec = dataset_spec(folder, labels_dir, mpp)
-    train, val = [], []
+    train: list[Sample] = []
+    val: list[Sample] = []
     images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     for image_path in images:
-        label_path = next((folder / spec.labels_dir / (image_path.stem + s) for s in (".png", ".tif", ".tiff")
-                           if (folder / spec.labels_dir / (image_path.stem + s)).exists()), None)
+        label_path = next(
+            (
+                folder / spec.labels_dir / (image_path.stem + s)
+                for s in (".png", ".tif", ".tiff")
+                if (folder / spec.labels_dir / (image_path.stem + s)).exists()
+            ),
+            None,
+        )
         if label_path is None:
             raise ConfigError(f"{image_path}: no label image in {folder / spec.labels_dir}")
         image = read_rgb(image_path)
@@ -119,8 +150,9 @@ def load_dataset(folder: Path, target_mpp: float, labels_dir: str | None = None,
         factor = spec.mpp_per_image.get(image_path.stem, spec.mpp) / target_mpp
         image = resample_image(image, factor)
         labels = resample_labels(labels, image.shape[:2])
-        sample = Sample(name=image_path.stem, dataset=spec.name, image=image, labels=labels)
-        (val if image_path.stem in spec.validation else train).append(sample)
+        split = spec.split_of(image_path.stem)
+        sample = Sample(name=image_path.stem, dataset=spec.name, image=image, labels=labels, split=split)
+        (train if split == "train" else val).append(sample)
     return train, val, spec
 
 

@@ -55,12 +55,15 @@ def summarise(per_image: dict[str, dict[str, Any]]) -> dict[str, dict[str, float
         groups.setdefault(metrics["dataset"], []).append(metrics)
         if metrics["dataset"] not in INSTANCE_OBJECTIVE_EXCLUDES:
             groups.setdefault("objective", []).append(metrics)
-    return {name: {k: float(np.mean([m[k] for m in rows])) for k in keys if k in rows[0]} | {"images": len(rows)}
-            for name, rows in groups.items()}
+    return {
+        name: {k: float(np.mean([m[k] for m in rows])) for k in keys if k in rows[0]} | {"images": len(rows)}
+        for name, rows in groups.items()
+    }
 
 
-def tune_postprocess(items: list[ValidationItem], mpp: float, grid: list[dict[str, float]] | None = None,
-                     workers: int = 1) -> dict[str, Any]:
+def tune_postprocess(
+    items: list[ValidationItem], mpp: float, grid: list[dict[str, float]] | None = None, workers: int = 1
+) -> dict[str, Any]:
     """Score every grid point; return the best (highest objective AJI) with all results."""
     grid = grid or default_grid(items[0].distance is not None)
     jobs = [(items, mpp, values) for values in grid]
