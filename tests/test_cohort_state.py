@@ -137,8 +137,11 @@ def test_lock_of_a_killed_holder_is_free(tmp_path):
 def test_stale_folders_removed_only_under_the_lock(tmp_path):
     final = tmp_path / "grp" / "slide"
     final.parent.mkdir()
-    stale = [final.parent / ".slide.partial-999999", final.parent / ".slide.partial-12-x",
-             final.parent / ".slide.old-4242"]
+    stale = [
+        final.parent / ".slide.partial-999999",
+        final.parent / ".slide.partial-12-x",
+        final.parent / ".slide.old-4242",
+    ]
     own = final.parent / f".slide.partial-{os.getpid()}"
     other_slide = final.parent / ".slide2.partial-999999"
     for path in (*stale, own, other_slide):
@@ -168,20 +171,30 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 
 def test_ledger_merges_reruns(tmp_path):
-    cs.update_ledger(tmp_path, [cs.ledger_row("/s/a.svs", "a", "ok", nuclei=10, tiles=2, seconds=1.5,
-                                              weights_sha256="w", fingerprint="fa"),
-                                cs.ledger_row("/s/b.svs", "b", "failed", error="bad\nslide")])
+    cs.update_ledger(
+        tmp_path,
+        [
+            cs.ledger_row("/s/a.svs", "a", "ok", nuclei=10, tiles=2, seconds=1.5, weights_sha256="w", fingerprint="fa"),
+            cs.ledger_row("/s/b.svs", "b", "failed", error="bad\nslide"),
+        ],
+    )
     rows = _read(tmp_path / "cohort.csv")
     assert [r["name"] for r in rows] == ["a", "b"]
     assert list(rows[0]) == list(cs.LEDGER_FIELDS)
     assert rows[0]["nuclei"] == "10" and rows[0]["fingerprint"] == "fa" and rows[1]["error"] == "bad slide"
     first_finished = rows[0]["finished_at"]
     # rerun touching only b; a is kept. Then a skipped (same fingerprint) keeps a's ok row, busy never replaces.
-    cs.update_ledger(tmp_path, [cs.ledger_row("/s/b.svs", "b", "ok", nuclei=3, fingerprint="fb"),
-                                cs.ledger_row("/s/c.svs", "c", "busy")])
-    cs.update_ledger(tmp_path, [cs.ledger_row("/s/a.svs", "a", "skipped", nuclei=10, fingerprint="fa",
-                                              finished_at="2099-01-01T00:00:00Z"),
-                                cs.ledger_row("/s/b.svs", "b", "busy")])
+    cs.update_ledger(
+        tmp_path,
+        [cs.ledger_row("/s/b.svs", "b", "ok", nuclei=3, fingerprint="fb"), cs.ledger_row("/s/c.svs", "c", "busy")],
+    )
+    cs.update_ledger(
+        tmp_path,
+        [
+            cs.ledger_row("/s/a.svs", "a", "skipped", nuclei=10, fingerprint="fa", finished_at="2099-01-01T00:00:00Z"),
+            cs.ledger_row("/s/b.svs", "b", "busy"),
+        ],
+    )
     rows = {r["name"]: r for r in _read(tmp_path / "cohort.csv")}
     assert set(rows) == {"a", "b", "c"}
     assert rows["a"]["status"] == "ok" and rows["a"]["finished_at"] == first_finished

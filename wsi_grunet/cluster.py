@@ -123,8 +123,10 @@ def slurm_cluster_kwargs(options: SlurmOptions, python: str | None = None) -> di
         directives.append(f"--gres=gpu:{options.gpus_per_job}")
         processes = options.gpus_per_job
         if processes > options.cores:
-            raise ConfigError(f"slurm.gpus_per_job: {options.gpus_per_job} needs at least as many slurm.cores "
-                              f"(one worker process per GPU), not {options.cores}")
+            raise ConfigError(
+                f"slurm.gpus_per_job: {options.gpus_per_job} needs at least as many slurm.cores "
+                f"(one worker process per GPU), not {options.cores}"
+            )
         worker_args += ["--resources", f"{GPU_RESOURCE}=1"]
     kwargs: dict[str, Any] = {
         "cores": options.cores,
@@ -136,8 +138,12 @@ def slurm_cluster_kwargs(options: SlurmOptions, python: str | None = None) -> di
         "worker_extra_args": worker_args,
         "python": options.python or python or sys.executable,
     }
-    for key, value in (("queue", options.partition), ("account", options.account),
-                       ("log_directory", options.log_directory), ("local_directory", options.local_directory)):
+    for key, value in (
+        ("queue", options.partition),
+        ("account", options.account),
+        ("log_directory", options.log_directory),
+        ("local_directory", options.local_directory),
+    ):
         if value is not None:
             kwargs[key] = value
     return kwargs
@@ -181,8 +187,10 @@ def make_slurm_cluster(cfg: RunConfig) -> Any:
     from dask_jobqueue import SLURMCluster
 
     if shutil.which("sbatch") is None:
-        raise ConfigError("cluster.kind: slurm needs the SLURM commands (sbatch, squeue, scancel) on PATH; "
-                          "they were not found on this machine")
+        raise ConfigError(
+            "cluster.kind: slurm needs the SLURM commands (sbatch, squeue, scancel) on PATH; "
+            "they were not found on this machine"
+        )
     options = cfg.slurm
     if options.log_directory:
         os.makedirs(options.log_directory, exist_ok=True)
@@ -191,8 +199,14 @@ def make_slurm_cluster(cfg: RunConfig) -> Any:
         cluster = SLURMCluster(dashboard_address=None, **kwargs)
     # wait_count x interval: a worker recommended for closing 10 times in a row (20 s) goes; the
     # minimum of jobs_min stays. Busy jobs are never closed (KeepBusyAdaptive).
-    cluster.adapt(minimum_jobs=options.jobs_min, maximum_jobs=options.jobs_max, interval="2s", wait_count=10,
-                  target_duration="10s", Adaptive=KeepBusyAdaptive)
+    cluster.adapt(
+        minimum_jobs=options.jobs_min,
+        maximum_jobs=options.jobs_max,
+        interval="2s",
+        wait_count=10,
+        target_duration="10s",
+        Adaptive=KeepBusyAdaptive,
+    )
     log.info("SLURM jobs: %s", " ".join(cluster.job_header.split()))
     return cluster
 
@@ -240,15 +254,21 @@ def open_client(cfg: RunConfig) -> Iterator[Client]:
                 if cfg.slurm.gpus_per_job > 1:
                     client.register_plugin(PinGpu(cfg.slurm.gpus_per_job))
             else:
-                cluster = LocalCluster(n_workers=cfg.cluster.workers,
-                                       threads_per_worker=cfg.cluster.threads_per_worker, processes=True,
-                                       dashboard_address=":0")
+                cluster = LocalCluster(
+                    n_workers=cfg.cluster.workers,
+                    threads_per_worker=cfg.cluster.threads_per_worker,
+                    processes=True,
+                    dashboard_address=":0",
+                )
                 client = Client(cluster)
             yield client
         finally:
             # Signals arriving now must not cut the clean-up short: ignore them until the jobs are gone.
-            held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)} \
-                if _in_main_thread() else {}
+            held = (
+                {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+                if _in_main_thread()
+                else {}
+            )
             try:
                 if client is not None:
                     client.close()

@@ -41,8 +41,18 @@ from .config import RunConfig
 
 LOCK_DIR = ".locks"
 LEDGER = "cohort.csv"
-LEDGER_FIELDS = ("slide", "name", "status", "nuclei", "tiles", "seconds", "weights_sha256", "fingerprint", "error",
-                 "finished_at")
+LEDGER_FIELDS = (
+    "slide",
+    "name",
+    "status",
+    "nuclei",
+    "tiles",
+    "seconds",
+    "weights_sha256",
+    "fingerprint",
+    "error",
+    "finished_at",
+)
 STATUSES = ("ok", "skipped", "failed", "busy")
 # model.device, batch_size, threads, channels_last, backend, cluster.*, slurm.* and output.overwrite only
 # change where and how fast the work runs. model.amp is kept: bf16 and fp32 give (slightly) different
@@ -72,16 +82,21 @@ def slide_identity(slide: Path) -> dict[str, Any]:
     path = slide.resolve()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        return {"path": str(path), "files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
-                                             for p in files]}
+        return {
+            "path": str(path),
+            "files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        }
     stat = path.stat()
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def fingerprint(weights_sha256: str | None, settings: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of the canonical JSON of weights hash, result settings and slide identity."""
-    text = json.dumps({"weights_sha256": weights_sha256, "settings": settings, "slide": identity}, sort_keys=True,
-                      separators=(",", ":"))
+    text = json.dumps(
+        {"weights_sha256": weights_sha256, "settings": settings, "slide": identity},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -177,7 +192,7 @@ def stale_folders(final_dir: Path, own_pid: int | None = None) -> list[Path]:
     out = []
     for prefix in (f".{leaf}.partial-", f".{leaf}.old-"):
         for path in parent.glob(f"{glob_escape(prefix)}*"):
-            rest = path.name[len(prefix):]
+            rest = path.name[len(prefix) :]
             pid = rest.split("-", 1)[0]
             if own_pid is not None and pid == str(own_pid):
                 continue
@@ -202,15 +217,33 @@ def remove_stale_folders(final_dir: Path, lock: SlideLock) -> list[Path]:
 # --- ledger -------------------------------------------------------------------------------------------
 
 
-def ledger_row(slide: str, name: str | None, status: str, *, nuclei: int = 0, tiles: int = 0, seconds: float = 0.0,
-               weights_sha256: str | None = None, fingerprint: str | None = None, error: str | None = None,
-               finished_at: str | None = None) -> dict[str, str]:
+def ledger_row(
+    slide: str,
+    name: str | None,
+    status: str,
+    *,
+    nuclei: int = 0,
+    tiles: int = 0,
+    seconds: float = 0.0,
+    weights_sha256: str | None = None,
+    fingerprint: str | None = None,
+    error: str | None = None,
+    finished_at: str | None = None,
+) -> dict[str, str]:
     if status not in STATUSES:
         raise ValueError(f"ledger status {status!r} is not one of {', '.join(STATUSES)}")
-    return {"slide": slide, "name": name or "", "status": status, "nuclei": str(int(nuclei)), "tiles": str(int(tiles)),
-            "seconds": f"{seconds:.3f}", "weights_sha256": weights_sha256 or "", "fingerprint": fingerprint or "",
-            "error": (error or "").replace("\n", " "),
-            "finished_at": finished_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "slide": slide,
+        "name": name or "",
+        "status": status,
+        "nuclei": str(int(nuclei)),
+        "tiles": str(int(tiles)),
+        "seconds": f"{seconds:.3f}",
+        "weights_sha256": weights_sha256 or "",
+        "fingerprint": fingerprint or "",
+        "error": (error or "").replace("\n", " "),
+        "finished_at": finished_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def merge_rows(existing: Mapping[str, dict[str, str]], new: Iterable[dict[str, str]]) -> dict[str, dict[str, str]]:
@@ -225,8 +258,12 @@ def merge_rows(existing: Mapping[str, dict[str, str]], new: Iterable[dict[str, s
         old = merged.get(key)
         if old is not None and row["status"] == "busy":
             continue
-        if (old is not None and row["status"] == "skipped" and old.get("status") == "ok"
-                and old.get("fingerprint") == row["fingerprint"]):
+        if (
+            old is not None
+            and row["status"] == "skipped"
+            and old.get("status") == "ok"
+            and old.get("fingerprint") == row["fingerprint"]
+        ):
             continue
         merged[key] = row
     return merged
@@ -261,3 +298,44 @@ def update_ledger(out_root: Path, rows: Iterable[dict[str, str]]) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     return path
+
+
+def row_from_report(out_root: Path, name: str) -> dict[str, str]:
+    """A ledger row rebuilt from a slide's ``report.json`` (failed when it is missing or not ok)."""
+    folder = out_root / name
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError) as exc:
+        return ledger_row("", name, "failed", error=f"{folder / 'report.json'}: no finished report ({exc})")
+    counts, timings = report.get("counts") or {}, report.get("timings") or {}
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((folder / "report.json").stat().st_mtime))
+    return ledger_row(
+        (report.get("slide") or {}).get("path", ""),
+        name,
+        "ok" if report.get("status") == "ok" else "failed",
+        nuclei=int(counts.get("nuclei", 0)),
+        tiles=int(counts.get("tiles_with_tissue", 0)),
+        seconds=float(timings.get("total_s", 0.0)),
+        weights_sha256=(report.get("model") or {}).get("sha256"),
+        fingerprint=report.get("fingerprint"),
+        finished_at=finished,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m wsi_grunet.cohort_state OUT NAME...``: merge rows rebuilt from the slides' reports
+    into ``OUT/cohort.csv`` (for workflows that run each slide separately)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m wsi_grunet.cohort_state OUT_DIR [NAME ...]", file=sys.stderr)
+        return 2
+    out_root = Path(args[0])
+    rows = [row_from_report(out_root, name) for name in args[1:]]
+    print(update_ledger(out_root, rows))
+    return 1 if any(row["status"] != "ok" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
