@@ -11,16 +11,14 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import zarr
-from synthetic import write_synthetic_slide
 
 from wsi_grunet.cli import main
 from wsi_grunet.geometry import Box
-from wsi_grunet.model.checkpoint import save_checkpoint
-from wsi_grunet.model.grunet import GRUNet, GRUNetConfig
 from wsi_grunet.slide.reader import SlideReader
 from wsi_grunet.tiling import plan_tiles
+
+from synthetic import write_synthetic_slide
 
 MPP = 0.5
 LEVELS = 3
@@ -60,18 +58,12 @@ viewer.close()
 
 
 @pytest.fixture(scope="module")
-def rgb_run(tmp_path_factory) -> dict:
+def rgb_run(tmp_path_factory, tiny_checkpoint) -> dict:
     """A narrow untrained GRU-Net (fast on CPU: this checks the plumbing, not the segmentation) on a
     synthetic slide with glass around the tissue, so some tiles are not run and their RGB is written on
     its own; RGB slide on."""
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("napari")
-    weights = root / "tiny"
-    save_checkpoint(
-        weights,
-        GRUNet(GRUNetConfig(base_filters=4, attention_width=8)).eval(),
-        {"mpp": MPP, "patch_size": 256, "threshold": 0.5, "trained": False},
-    )
+    weights = tiny_checkpoint
     slide = root / "tissue.svs"
     write_synthetic_slide(slide, 1400, 1000, mpp=MPP, levels=2, seed=3)
     out = root / "results"
@@ -151,13 +143,14 @@ def _display_command() -> list[str]:
     pytest.skip("napari needs a display: neither xvfb-run (Debian xvfb) nor DISPLAY is available")
 
 
-def test_napari_shows_probability_rgb_and_labels_in_micrometres(rgb_run, tmp_path):
+def _open_in_napari(zarr_path, tmp_path) -> tuple[list[dict], np.ndarray]:
+    """napari's layers for one open of ``zarr_path`` (what the plugin made of it) and a screenshot."""
     pytest.importorskip("napari", reason="napari is not installed (it is in the test extra)")
     pytest.importorskip("napari_ome_zarr", reason="the napari-ome-zarr reader plugin is not installed")
     shot = tmp_path / "napari.png"
     env = {**os.environ, "QT_QPA_PLATFORM": "xcb", "NAPARI_CONFIG": str(tmp_path / "napari-settings.yaml")}
     done = subprocess.run(
-        [*_display_command(), sys.executable, "-c", VIEWER_SCRIPT, str(rgb_run["zarr"]), str(shot)],
+        [*_display_command(), sys.executable, "-c", VIEWER_SCRIPT, str(zarr_path), str(shot)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -168,21 +161,17 @@ def test_napari_shows_probability_rgb_and_labels_in_micrometres(rgb_run, tmp_pat
         pytest.skip(f"napari cannot start here: {done.stdout.strip()[-500:]}")
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     line = next(line for line in done.stdout.splitlines() if line.startswith("LAYERS "))
-    result = json.loads(line[len("LAYERS ") :])
-    layers = result["layers"]
-    images = [layer for layer in layers if layer["type"] == "Image"]
-    labels = [layer for layer in layers if layer["type"] == "Labels"]
-    # One open of the folder: the probability and the three colour channels, and the nuclei labels.
-    assert [layer["name"] for layer in images] == [
-        f"tissue: {c}" for c in ("nucleus probability", "red", "green", "blue")
-    ]
-    assert len(labels) == 1 and labels[0]["name"].endswith("nuclei")
-    # The colours add up to the slide: the first channel is opaque, the others are added.
-    assert [layer["blending"] for layer in images] == ["translucent_no_depth", "additive", "additive", "additive"]
-    root = zarr.open_group(str(rgb_run["zarr"]), mode="r")
-    shapes = [root[f"labels/nuclei/{i}"].shape for i in range(LEVELS)]
-    for layer in images + labels:
-        assert layer["multiscale"] and layer["levels"] == LEVELS
+    from PIL import Image
+
+    return json.loads(line[len("LAYERS ") :])["layers"], np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def _check_micrometre_pyramids(layers: list[dict], zarr_path, levels: int) -> None:
+    """Every layer: all levels, MPP um per level-0 pixel, MPP * 2**i at level i, one common extent."""
+    root = zarr.open_group(str(zarr_path), mode="r")
+    shapes = [root[f"labels/nuclei/{i}"].shape for i in range(levels)]
+    for layer in layers:
+        assert layer["multiscale"] and layer["levels"] == levels, layer["name"]
         assert [tuple(s[-2:]) for s in layer["level_shapes"]] == shapes
         assert layer["scale"] == [MPP, MPP]  # micrometres per level-0 pixel
         assert layer["units"] == ["micrometer", "micrometer"]
@@ -193,9 +182,41 @@ def test_napari_shows_probability_rgb_and_labels_in_micrometres(rgb_run, tmp_pat
         assert layer["extent"] == layers[0]["extent"]  # every layer covers the same micrometres
     height, width = shapes[0]
     assert layers[0]["extent"] == [[0.0, 0.0], [(height - 1) * MPP, (width - 1) * MPP]]
-    # The screenshot shows the slide (pink tissue, pale glass), not an empty canvas.
-    from PIL import Image
 
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+def test_napari_shows_probability_rgb_and_labels_in_micrometres(rgb_run, tmp_path):
+    layers, pixels = _open_in_napari(rgb_run["zarr"], tmp_path)
+    images = [layer for layer in layers if layer["type"] == "Image"]
+    labels = [layer for layer in layers if layer["type"] == "Labels"]
+    # One open of the folder: the probability and the three colour channels, and the nuclei labels.
+    assert [layer["name"] for layer in images] == [
+        f"tissue: {c}" for c in ("nucleus probability", "red", "green", "blue")
+    ]
+    assert len(labels) == 1 and labels[0]["name"].endswith("nuclei")
+    # The colours add up to the slide: the first channel is opaque, the others are added.
+    assert [layer["blending"] for layer in images] == ["translucent_no_depth", "additive", "additive", "additive"]
+    _check_micrometre_pyramids(images + labels, rgb_run["zarr"], LEVELS)
+    # The screenshot shows the slide (pink tissue, pale glass), not an empty canvas.
     assert min(pixels.shape[:2]) > 200
     assert pixels.std() > 20 and (pixels.sum(axis=2) > 500).mean() > 0.05
+
+
+def test_napari_shows_probability_and_labels_of_a_default_run(tmp_path):
+    """Without the RGB slide (the default): one probability image and the labels, same frames. The null
+    model (haematoxylin stand-in, no network) finds the synthetic nuclei, so the labels hold real ids."""
+    slide = tmp_path / "discs.svs"
+    write_synthetic_slide(slide, 700, 500, mpp=MPP, levels=1, seed=4)
+    out = tmp_path / "results"
+    args = ["run", str(slide), "--out", str(out), "--weights", "null-model", "--workers", "1", "--tile-size", "256"]
+    args += ["--halo", "64", "--outputs", "zarr", "--quiet", "--set", "output.chunk=64", "output.pyramid_levels=3"]
+    assert main(args) == 0
+    zarr_path = out / "discs" / "discs.ome.zarr"
+    report = json.loads((out / "discs" / "report.json").read_text())
+    assert report["outputs"] == {"zarr": "discs.ome.zarr"} and report["counts"]["nuclei"] > 10
+    layers, pixels = _open_in_napari(zarr_path, tmp_path)
+    assert [(layer["type"], layer["name"]) for layer in layers] == [
+        ("Image", "discs"),
+        ("Labels", "labels/labels/nuclei"),
+    ]
+    _check_micrometre_pyramids(layers, zarr_path, 3)
+    assert pixels.std() > 10  # nuclei bright on a dark background
