@@ -1,0 +1,185 @@
+"""A cohort with Dask workers in real SLURM jobs (the local SLURM of .ci/setup.d/20-slurm.sh).
+
+Also without SLURM: the job script dask-jobqueue would submit for the configuration (GPU directives,
+resources, prologue), the walltime arithmetic, and the GPU a worker process of a multi-GPU job takes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from slurm_support import (
+    assert_same_results,
+    ledger,
+    our_jobs,
+    popen_cli,
+    require_slurm,
+    slurm_cohort,  # noqa: F401 - fixture
+    temporary_folders,
+    wait_for_no_jobs,
+)
+
+from wsi_grunet.cluster import gpu_for_worker, slurm_cluster_kwargs, walltime_seconds, worker_lifetime_args
+from wsi_grunet.config import load_config
+
+
+def _slurm_cfg(**slurm):
+    return load_config(None, [{"cluster": {"kind": "slurm"}, "slurm": slurm}])
+
+
+def test_slurm_job_script_for_gpu_jobs(tmp_path):
+    from dask_jobqueue import SLURMCluster
+
+    cfg = _slurm_cfg(
+        partition="gpu",
+        account="lab",
+        walltime="02:00:00",
+        cores=8,
+        memory="32GB",
+        gpus_per_job=2,
+        prologue=["module load cuda/12", "source /opt/venv/bin/activate"],
+        job_extra_directives=["--qos=long"],
+        log_directory=str(tmp_path / "logs"),
+        local_directory="/scratch",
+        python="/opt/venv/bin/python",
+    )
+    kwargs = slurm_cluster_kwargs(cfg.slurm)
+    assert kwargs["processes"] == 2  # one worker process per GPU
+    with SLURMCluster(dashboard_address=None, **kwargs) as cluster:
+        script = cluster.job_script()
+    lines = script.splitlines()
+    for directive in (
+        "#SBATCH -p gpu",
+        "#SBATCH -A lab",
+        "#SBATCH -t 02:00:00",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --qos=long",
+        "#SBATCH --gres=gpu:2",
+    ):
+        assert directive in lines, (directive, script)
+    assert lines.index("module load cuda/12") < lines.index("source /opt/venv/bin/activate")
+    worker = next(line for line in lines if "distributed.cli.dask_worker" in line)
+    assert worker.startswith("/opt/venv/bin/python -m distributed.cli.dask_worker")
+    for part in (
+        "--nworkers 2",
+        "--nthreads 4",
+        "--resources GPU=1",
+        "--local-directory /scratch",
+        "--lifetime 6900s",
+        "--lifetime-stagger 60s",
+    ):
+        assert part in worker, (part, worker)
+
+
+def test_cpu_jobs_have_no_gpu_lines():
+    kwargs = slurm_cluster_kwargs(_slurm_cfg(cores=4, processes=2, walltime="10").slurm)
+    assert kwargs["processes"] == 2 and kwargs["job_extra_directives"] == [] and kwargs["worker_extra_args"] == []
+    assert "queue" not in kwargs and "account" not in kwargs
+
+
+def test_gpus_need_a_core_each():
+    from wsi_grunet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="slurm.gpus_per_job: 4 needs at least as many slurm.cores"):
+        slurm_cluster_kwargs(_slurm_cfg(cores=2, gpus_per_job=4).slurm)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 1800), ("5:30", 330), ("01:00:00", 3600), ("1-12", 129600), ("2-00:30", 174600), ("0-01:02:03", 3723)],
+)
+def test_walltime_seconds(text, seconds):
+    assert walltime_seconds(text) == seconds
+
+
+def test_short_walltimes_get_no_lifetime():
+    assert worker_lifetime_args("00:10:00") == []
+    assert worker_lifetime_args("00:20:00") == ["--lifetime", "900s", "--lifetime-stagger", "60s"]
+
+
+def test_each_worker_of_a_gpu_job_gets_its_own_gpu():
+    assert [gpu_for_worker(f"SLURMCluster-3-{i}", "4,5", 2) for i in range(2)] == ["4", "5"]
+    assert gpu_for_worker("SLURMCluster-3", "4", 1) is None  # one process: it sees its GPU already
+    assert gpu_for_worker("SLURMCluster-3-1", None, 2) is None  # no GPUs given by SLURM
+
+
+SLURM_SETTINGS = [
+    "slurm.cores=1",
+    "slurm.memory=2GB",
+    "slurm.processes=1",
+    "slurm.jobs_max=2",
+    "slurm.walltime=00:10:00",
+]
+
+
+@pytest.mark.slow
+def test_cohort_on_slurm_workers_equals_local_run(slurm_cohort, tmp_path):  # noqa: F811
+    require_slurm()
+    assert wait_for_no_jobs() == [], "jobs of something else are in the queue"
+    root, names, args = slurm_cohort
+    out = tmp_path / "out"
+    run = popen_cli(
+        root / "slides",
+        "--out",
+        out,
+        "--cluster",
+        "slurm",
+        *args,
+        f"slurm.log_directory={tmp_path / 'logs'}",
+        *SLURM_SETTINGS,
+        log=tmp_path / "run.log",
+    )
+    seen: set[tuple[str, str]] = set()
+    try:
+        while run.poll() is None:
+            seen |= {(job, name) for job, name, state in our_jobs() if state == "RUNNING"}
+            time.sleep(0.5)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    text = (tmp_path / "run.log").read_text()
+    assert run.wait() == 1, text  # the bad slide failed, the others did not
+    assert seen and all(name == "dask-worker" for _, name in seen), seen  # workers ran as SLURM jobs
+    assert wait_for_no_jobs() == []  # and were cancelled at the end
+    job_logs = sorted((tmp_path / "logs").glob("*.err"))
+    assert {p.name.split("-")[-1].split(".")[0] for p in job_logs} >= {job for job, _ in seen}
+    assert "broken.svs" in text and ledger(out)["broken"]["status"] == "failed"
+    assert assert_same_results(root / "local", out, names) > 100
+    assert temporary_folders(out) == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_cancels_its_jobs(slurm_cohort, tmp_path):  # noqa: F811
+    require_slurm()
+    assert wait_for_no_jobs() == [], "jobs of something else are in the queue"
+    root, names, args = slurm_cohort
+    out = tmp_path / "out"
+    run = popen_cli(
+        root / "slides",
+        "--out",
+        out,
+        "--cluster",
+        "slurm",
+        *args,
+        *SLURM_SETTINGS,
+        f"slurm.log_directory={tmp_path / 'logs'}",
+        log=tmp_path / "run.log",
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while run.poll() is None and not any(s == "RUNNING" for *_, s in our_jobs()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, (tmp_path / "run.log").read_text()
+        assert any(s == "RUNNING" for *_, s in our_jobs()), "no worker job started"
+        run.send_signal(signal.SIGTERM)  # what scancel of the driver's job sends first
+        code = run.wait(120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert code == 128 + signal.SIGTERM, (tmp_path / "run.log").read_text()
+    assert wait_for_no_jobs() == []
+    assert temporary_folders(out) == []  # the interrupted slide's folder was removed
+    assert not any((out / n / "report.json").exists() for n in names[1:])
