@@ -109,6 +109,7 @@ def test_bad_values_are_rejected_naming_key_value_and_allowed(override, message)
     (["output.chunk=192"], "output.chunk: 192 does not divide the tile core 1024"),
     (["slurm.jobs_min=5", "slurm.jobs_max=2"], "slurm.jobs_min: 5 exceeds slurm.jobs_max 2"),
     (["slurm.processes=4"], "slurm.processes: 4 exceeds slurm.cores 2"),
+    (["slurm.gpus_per_job=4"], "slurm.gpus_per_job: 4 needs at least as many slurm.cores"),
     (["output.slide_rgb=true", "output.formats=[geojson]"], "output.slide_rgb: true needs zarr in output.formats"),
     (["cluster.kind=slurm", "cluster.scheduler=tcp://h:8786"], "cluster.scheduler: an existing scheduler and"),
 ])

@@ -415,6 +415,10 @@ class SlurmOptions:
         if self.processes > self.cores:
             raise InvalidValue(f"slurm.processes: {self.processes} exceeds slurm.cores {self.cores}; allowed: "
                                "at most one worker process per core", "slurm.processes", "slurm.cores")
+        if self.gpus_per_job > self.cores:  # one worker process per GPU, each needs a core
+            raise InvalidValue(f"slurm.gpus_per_job: {self.gpus_per_job} needs at least as many slurm.cores "
+                               f"(one worker process per GPU), not {self.cores}; allowed: gpus_per_job <= cores",
+                               "slurm.gpus_per_job", "slurm.cores")
 
 
 OutputFormat = Literal["zarr", "geojson", "parquet", "preview"]
