@@ -215,7 +215,7 @@ def test_napari_shows_probability_and_labels_of_a_default_run(tmp_path):
     assert report["outputs"] == {"zarr": "discs.ome.zarr"} and report["counts"]["nuclei"] > 10
     layers, pixels = _open_in_napari(zarr_path, tmp_path)
     assert [(layer["type"], layer["name"]) for layer in layers] == [
-        ("Image", "discs"),
+        ("Image", "discs.ome"),  # napari names a store without channel names after its folder
         ("Labels", "labels/labels/nuclei"),
     ]
     _check_micrometre_pyramids(layers, zarr_path, 3)
