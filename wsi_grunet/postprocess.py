@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
-from skimage.morphology import local_maxima, reconstruction
+from skimage.morphology import local_maxima
 from skimage.segmentation import watershed
 
 from .errors import ConfigError
@@ -147,10 +147,32 @@ def label_nuclei(
         # Pad with background so that the array edge counts as background, as the slide edge does.
         edt = ndi.distance_transform_edt(np.pad(foreground, 1))[1:-1, 1:-1]
         relief = _smooth_within_components(edt, components, SMOOTHING_SIGMA_PX)
-        markers = _distance_maxima(relief, components, params.marker_min_distance_um / mpp)
-    else:
-        relief = np.where(foreground, distance.astype(np.float64), 0.0)
-        markers, _ = ndi.label((relief > params.marker_threshold) & foreground, structure=_EIGHT)
+        # A component whose relief has a single regional maximum gets a single marker, so it is one
+        # instance whatever the marker search and watershed would do: only the others need them.
+        multi = _multi_peak_components(relief, components)
+        split = np.isin(components, np.flatnonzero(multi)) if multi.any() else np.zeros(prob.shape, bool)
+        labels = np.where(split, 0, components).astype(np.int64)
+        if split.any():
+            parts = np.where(split, components, 0)
+            markers = _distance_maxima(np.where(split, relief, 0.0), parts, params.marker_min_distance_um / mpp)
+            offset = int(components.max())
+            for index, box in enumerate(ndi.find_objects(parts), start=1):
+                if box is None:
+                    continue
+                # One component at a time: the watershed breaks ties between markers of equal height
+                # by heap order, which would otherwise depend on the other components in the array.
+                inside = parts[box] == index
+                grown = watershed(
+                    -relief[box],
+                    np.where(inside, markers[box], 0),
+                    mask=inside,
+                    connectivity=2,
+                    compactness=params.compactness,
+                )
+                labels[box][inside] = grown[inside].astype(np.int64) + offset
+        return relabel_raster(labels, min_size=params.min_area_um2 / px_area_um2)
+    relief = np.where(foreground, distance.astype(np.float64), 0.0)
+    markers, _ = ndi.label((relief > params.marker_threshold) & foreground, structure=_EIGHT)
     labels = watershed(-relief, markers, mask=foreground, connectivity=2, compactness=params.compactness)
     # A component without any marker (distance mode, faint centre) is one instance of its own.
     unmarked = foreground & (labels == 0)
@@ -163,9 +185,22 @@ def label_nuclei(
 def relabel_raster(labels: np.ndarray, min_size: float = 0.0) -> np.ndarray:
     """Renumber labels 1..n in raster order of each label's first pixel; drop labels with fewer
     than ``min_size`` pixels. Returns int32; 0 stays background."""
-    ids, first, inverse, counts = np.unique(
-        np.asarray(labels).ravel(), return_index=True, return_inverse=True, return_counts=True
-    )
+    labels = np.asarray(labels)
+    flat = labels.ravel()
+    if flat.size and np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0 and flat.max() < 4 * flat.size + 1024:
+        # Counting instead of sorting: linear in pixels, same result as the np.unique path below.
+        n = int(flat.max()) + 1
+        counts = np.bincount(flat, minlength=n)
+        where = np.flatnonzero(flat)
+        first = np.full(n, flat.size, dtype=np.int64)
+        np.minimum.at(first, flat[where], where)
+        keep = np.flatnonzero((counts > 0) & (counts >= min_size))
+        keep = keep[keep != 0]
+        keep = keep[np.argsort(first[keep], kind="stable")]
+        lut = np.zeros(n, dtype=np.int32)
+        lut[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+        return lut[labels]
+    ids, first, inverse, counts = np.unique(flat, return_index=True, return_inverse=True, return_counts=True)
     keep = np.flatnonzero((ids != 0) & (counts >= min_size))
     keep = keep[np.argsort(first[keep], kind="stable")]
     lut = np.zeros(len(ids), dtype=np.int32)
@@ -190,61 +225,155 @@ def _fill_enclosed_holes(components: np.ndarray, max_hole_px: float) -> np.ndarr
     candidate[edge] = False
     if not candidate.any():
         return components
-    big = int(components.max()) + 1  # stands for "no component"; stays within the label dtype
-    around_max = ndi.maximum_filter(components, size=3, mode="constant", cval=0)
-    around_min = ndi.minimum_filter(np.where(components > 0, components.astype(np.int64), big), size=3, mode="constant", cval=big)
-    index = np.flatnonzero(candidate)
-    hi = np.asarray(ndi.maximum(around_max, holes, index))
-    lo = np.asarray(ndi.minimum(around_min, holes, index))
+    # Only the pixels of candidate holes matter: gather the component ids of their 8 neighbours.
+    padded = np.pad(components.astype(np.int64), 1)
+    where = np.flatnonzero(candidate[holes])
+    hole_of = holes.ravel()[where]
+    rows, cols = np.divmod(where, components.shape[1])
+    big = np.iinfo(np.int64).max  # "no component yet"
+    hi = np.zeros(n_holes + 1, dtype=np.int64)
+    lo = np.full(n_holes + 1, big, dtype=np.int64)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            around = padded[rows + dy, cols + dx]
+            np.maximum.at(hi, hole_of, around)
+            np.minimum.at(lo, hole_of, np.where(around > 0, around, big))
     fill = np.zeros(n_holes + 1, dtype=components.dtype)
-    single = (hi == lo) & (hi > 0)
-    fill[index[single]] = hi[single]
-    return np.where(holes > 0, fill[holes], components).astype(components.dtype)
+    single = candidate & (hi == lo) & (hi > 0)
+    fill[single] = hi[single]
+    out = components.copy()
+    filled = where[single[hole_of]]
+    out.ravel()[filled] = fill[holes.ravel()[filled]]
+    return out
+
+
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """The 1-D kernel ``ndi.gaussian_filter`` uses (radius ceil(truncate * sigma)), computed the same way."""
+    radius = int(np.ceil(_TRUNCATE * sigma))
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x**2)
+    return phi / phi.sum()
 
 
 def _smooth_within_components(values: np.ndarray, components: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian-smooth ``values`` inside each component, normalised by the kernel weight that falls
     inside the same component: neighbouring components never leak into each other, so the result
-    on a component depends on that component alone. Background is 0."""
+    on a component depends on that component alone. Background is 0.
+
+    One vectorised pass over the foreground pixels: a tap counts where the pixel it reaches has the
+    same component id. The arithmetic is that of ``ndi.gaussian_filter`` (separable, rows then
+    columns, symmetric taps summed outermost pair first) applied to each component alone, so the
+    values are bit for bit those of filtering one component at a time."""
     out = np.zeros(values.shape, dtype=np.float64)
+    inside = components > 0
     if sigma <= 0:
-        out[components > 0] = values[components > 0]
+        out[inside] = values[inside]
         return out
-    radius = int(np.ceil(_TRUNCATE * sigma))
-    height, width = components.shape
-    for index, box in enumerate(ndi.find_objects(components), start=1):
-        if box is None:
-            continue
-        ys = slice(max(box[0].start - radius, 0), min(box[0].stop + radius, height))
-        xs = slice(max(box[1].start - radius, 0), min(box[1].stop + radius, width))
-        inside = components[ys, xs] == index
-        weight = ndi.gaussian_filter(inside.astype(np.float64), sigma, mode="constant", truncate=_TRUNCATE)
-        total = ndi.gaussian_filter(np.where(inside, values[ys, xs], 0.0), sigma, mode="constant", truncate=_TRUNCATE)
-        out[ys, xs][inside] = total[inside] / weight[inside]
+    w = _gaussian_weights(sigma)
+    radius = len(w) // 2
+    # Where a pixel's window holds no other component, filtering the whole image (background zeroed)
+    # does exactly the per-component arithmetic; only pixels near another component need the taps.
+    masked = np.where(inside, values.astype(np.float64), 0.0)
+    kwargs = {"mode": "constant", "truncate": _TRUNCATE}
+    out[inside] = (
+        ndi.gaussian_filter(masked, sigma, **kwargs)[inside]
+        / ndi.gaussian_filter(inside.astype(np.float64), sigma, **kwargs)[inside]
+    )
+    size = 2 * radius + 1
+    highest = ndi.maximum_filter(components, size=size, mode="constant", cval=0)
+    big = np.iinfo(components.dtype).max
+    lowest = ndi.minimum_filter(np.where(inside, components, big), size=size, mode="constant", cval=big)
+    near_other = inside & ((highest != components) | (lowest != components))
+    if not near_other.any():
+        return out
+    width = components.shape[1] + 2 * radius
+    flat_comp = np.pad(components, radius).ravel()
+    flat_vals = np.pad(values.astype(np.float64), radius).ravel()
+    rows, cols = np.nonzero(near_other)
+    centre = (rows + radius) * width + (cols + radius)
+    own = flat_comp[centre]
+
+    def tap(offset: int) -> tuple[np.ndarray, np.ndarray]:
+        index = centre + offset
+        same = flat_comp[index] == own
+        return np.where(same, flat_vals[index], 0.0), same.astype(np.float64)
+
+    def column(dx: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first (row-direction) pass, evaluated at the pixel ``dx`` columns away."""
+        value, weight = tap(dx)
+        value, weight = value * w[radius], weight * w[radius]
+        for j in range(-radius, 0):
+            v1, w1 = tap(j * width + dx)
+            v2, w2 = tap(-j * width + dx)
+            value += (v1 + v2) * w[radius + j]
+            weight += (w1 + w2) * w[radius + j]
+        return value, weight
+
+    columns = {dx: column(dx) for dx in range(-radius, radius + 1)}
+    total, weight = columns[0][0] * w[radius], columns[0][1] * w[radius]
+    for j in range(-radius, 0):
+        total += (columns[j][0] + columns[-j][0]) * w[radius + j]
+        weight += (columns[j][1] + columns[-j][1]) * w[radius + j]
+    out[rows, cols] = total / weight
     return out
 
 
-def _h_domes(dist: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """h-maxima domes by reconstruction, one component at a time.
+def _multi_peak_components(relief: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Boolean per component id (index 0 = background, False): its relief has more than one
+    regional maximum (8-connected plateaus higher than all their neighbours)."""
+    n = int(components.max())
+    tops = (components > 0) & local_maxima(relief, connectivity=2, allow_borders=True)
+    plateaus, n_plateaus = ndi.label(tops, structure=_EIGHT)
+    if n_plateaus == 0:
+        return np.zeros(n + 1, dtype=bool)
+    where = np.flatnonzero(plateaus)
+    owner = np.zeros(n_plateaus + 1, dtype=np.int64)
+    owner[plateaus.ravel()[where]] = components.ravel()[where]  # a plateau lies in one component
+    return np.bincount(owner[1:], minlength=n + 1) > 1
 
-    Seed = d, ceiling = d + h inside the component and 0 outside, so reconstruction never carries
-    values from one component to another through the background; the result equals the classic
-    reconstruction of d - h under d, shifted up by h. Working on each component's bounding box
-    (plus a one-pixel background margin) gives the same values as one pass over the whole tile, and
-    is faster because nuclei cover a small part of a tile.
-    """
-    domes = np.zeros(dist.shape, dtype=np.float64)
-    height, width = components.shape
-    for index, box in enumerate(ndi.find_objects(components), start=1):
-        if box is None:
-            continue
-        ys = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, height))
-        xs = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, width))
-        inside = components[ys, xs] == index
-        seed = np.where(inside, dist[ys, xs], 0.0)
-        ceiling = np.where(inside, dist[ys, xs] + MARKER_DYNAMIC_PX, 0.0)
-        domes[ys, xs][inside] = reconstruction(seed, ceiling, method="dilation")[inside]
-    return domes
+
+def _reconstruct_by_dilation(seed: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
+    """Greyscale reconstruction by dilation (8-connected) of ``seed`` under ``ceiling`` (seed <= ceiling).
+
+    Geodesic dilations are repeated only at pixels next to a change: near the tops of a distance map
+    few pixels change, so this is far cheaper than a sort of the whole image. Values are only ever
+    copied (max / min of existing values), so the result equals any other exact reconstruction."""
+    height, width = seed.shape
+    stride = width + 2
+    value = np.pad(seed.astype(np.float64), 1, constant_values=-np.inf).ravel()
+    cap = np.pad(ceiling.astype(np.float64), 1, constant_values=-np.inf).ravel()
+    steps = np.array([dy * stride + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx], dtype=np.int64)
+    rows, cols = np.nonzero(ceiling > seed)  # only these can rise
+    active = (rows + 1) * stride + (cols + 1)
+    flag = np.zeros(value.size, dtype=bool)
+    while active.size:
+        grown = value[active]
+        for step in steps:
+            np.maximum(grown, value[active + step], out=grown)
+        np.minimum(grown, cap[active], out=grown)
+        rising = grown > value[active]
+        if not rising.any():
+            break
+        changed = active[rising]
+        value[changed] = grown[rising]
+        # Pixels that can still rise and have a changed neighbour (a flag array: no sorting).
+        flag[:] = False
+        for step in steps:
+            flag[changed + step] = True
+        flag &= cap > value
+        active = np.flatnonzero(flag)
+    return value.reshape(height + 2, stride)[1:-1, 1:-1]
+
+
+def _h_domes(dist: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """h-maxima domes by reconstruction: seed = d, ceiling = d + h inside the components and 0
+    outside, so reconstruction never carries values from one component to another through the
+    background (components are 8-connected components: they never touch, even diagonally); the
+    result equals the classic reconstruction of d - h under d, shifted up by h."""
+    inside = components > 0
+    seed = np.where(inside, dist, 0.0)
+    ceiling = np.where(inside, dist + MARKER_DYNAMIC_PX, 0.0)
+    return np.where(inside, _reconstruct_by_dilation(seed, ceiling), 0.0)
 
 
 def _distance_maxima(dist: np.ndarray, components: np.ndarray, min_distance_px: float) -> np.ndarray:

@@ -77,7 +77,13 @@ class NullModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "device": "cpu", "dtype": "float32", "layout": "NHWC", "tta": "none", "threads": 1,
+            "device": "cpu",
+            "dtype": "float32",
+            "layout": "NHWC",
+            "tta": "none",
+            "threads": 1,
             "model": "null-model (haematoxylin colour deconvolution, not GRU-Net)",
-            "h_midpoint": H_MIDPOINT, "h_scale": H_SCALE, "smoothing_sigma_px": SMOOTHING_SIGMA_PX,
+            "h_midpoint": H_MIDPOINT,
+            "h_scale": H_SCALE,
+            "smoothing_sigma_px": SMOOTHING_SIGMA_PX,
         }
