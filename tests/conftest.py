@@ -42,3 +42,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "tiny"
     save_checkpoint(out, model, {"mpp": 0.5, "patch_size": 256, "threshold": 0.5, "trained": False})
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cohort(tmp_path_factory, tiny_checkpoint):
+    """Two small slides and a bad one, with a local reference run of them (exit 1: the bad slide), for
+    the SLURM, workflow and resume tests. Returns (root, good slide names, run arguments); the slides
+    are in ``root/slides``, the reference results in ``root/local``."""
+    from slurm_support import RUN_SETTINGS, make_cohort, run_cli
+
+    root = tmp_path_factory.mktemp("slurm-cohort")
+    names = make_cohort(root / "slides", count=2, bad=True)
+    args = ["--weights", str(tiny_checkpoint), *RUN_SETTINGS]
+    local = run_cli(root / "slides", "--out", root / "local", "--workers", "1", *args)
+    assert local.returncode == 1, local.stdout + local.stderr
+    return root, names, args

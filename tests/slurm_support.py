@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,9 @@ def require_slurm() -> None:
         pytest.skip(problem)
 
 
-def our_jobs() -> list[tuple[str, str, str]]:
-    """(job id, name, state) of this user's jobs in squeue."""
+def our_jobs(name: str | None = None, ids: set[str] | None = None) -> list[tuple[str, str, str]]:
+    """(job id, name, state) of this user's jobs in squeue, optionally only those with this job name or
+    these ids (other tests or people may use the same SLURM at the same time)."""
     out = subprocess.run(
         ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %j %T"],
         capture_output=True,
@@ -73,17 +75,22 @@ def our_jobs() -> list[tuple[str, str, str]]:
         timeout=30,
         check=True,
     ).stdout
-    return [tuple(line.split(None, 2)) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+    jobs = [tuple(line.split(None, 2)) for line in out.splitlines() if line.strip()]
+    return [j for j in jobs if (name is None or j[1] == name) and (ids is None or j[0].split("_")[0] in ids)]  # type: ignore[misc]
 
 
-def wait_for_no_jobs(deadline_s: float = 60.0) -> list[tuple[str, str, str]]:
-    """Poll squeue until this user has no jobs (cancelled jobs linger briefly while completing)."""
+def wait_for_no_jobs(name: str | None = None, ids: set[str] | None = None, deadline_s: float = 60.0) -> list:
+    """Poll squeue until no such job is left (cancelled jobs linger briefly while completing)."""
     end = time.monotonic() + deadline_s
-    jobs = our_jobs()
+    jobs = our_jobs(name, ids)
     while jobs and time.monotonic() < end:
         time.sleep(0.5)
-        jobs = our_jobs()
+        jobs = our_jobs(name, ids)
     return jobs
+
+
+def unique_job_name() -> str:
+    return f"wsi-test-{uuid.uuid4().hex[:10]}"
 
 
 def make_cohort(folder: Path, count: int = 2, bad: bool = True) -> list[str]:
@@ -174,16 +181,3 @@ def ledger(out: Path) -> dict[str, dict[str, str]]:
 
     with open(out / "cohort.csv", newline="") as handle:
         return {row["name"]: row for row in csv.DictReader(handle)}
-
-
-@pytest.fixture(scope="session")
-def slurm_cohort(tmp_path_factory, tiny_checkpoint):
-    """Two small slides and a bad one, with the reference: a local run of them (exit 1: the bad slide).
-    Returns (root, good slide names, run arguments); the slides are in ``root/slides``, the reference
-    results in ``root/local``."""
-    root = tmp_path_factory.mktemp("slurm-cohort")
-    names = make_cohort(root / "slides", count=2, bad=True)
-    args = ["--weights", str(tiny_checkpoint), *RUN_SETTINGS]
-    local = run_cli(root / "slides", "--out", root / "local", "--workers", "1", *args)
-    assert local.returncode == 1, local.stdout + local.stderr
-    return root, names, args

@@ -17,8 +17,8 @@ from slurm_support import (
     our_jobs,
     popen_cli,
     require_slurm,
-    slurm_cohort,  # noqa: F401 - fixture
     temporary_folders,
+    unique_job_name,
     wait_for_no_jobs,
 )
 
@@ -116,11 +116,10 @@ SLURM_SETTINGS = [
 
 
 @pytest.mark.slow
-def test_cohort_on_slurm_workers_equals_local_run(slurm_cohort, tmp_path):  # noqa: F811
+def test_cohort_on_slurm_workers_equals_local_run(slurm_cohort, tmp_path):
     require_slurm()
-    assert wait_for_no_jobs() == [], "jobs of something else are in the queue"
     root, names, args = slurm_cohort
-    out = tmp_path / "out"
+    out, job = tmp_path / "out", unique_job_name()
     run = popen_cli(
         root / "slides",
         "--out",
@@ -129,34 +128,34 @@ def test_cohort_on_slurm_workers_equals_local_run(slurm_cohort, tmp_path):  # no
         "slurm",
         *args,
         f"slurm.log_directory={tmp_path / 'logs'}",
+        f"slurm.job_extra_directives=--job-name={job}",  # later than dask-jobqueue's -J: this name wins
         *SLURM_SETTINGS,
         log=tmp_path / "run.log",
     )
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     try:
         while run.poll() is None:
-            seen |= {(job, name) for job, name, state in our_jobs() if state == "RUNNING"}
+            seen |= {job_id for job_id, _, state in our_jobs(job) if state == "RUNNING"}
             time.sleep(0.5)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     text = (tmp_path / "run.log").read_text()
     assert run.wait() == 1, text  # the bad slide failed, the others did not
-    assert seen and all(name == "dask-worker" for _, name in seen), seen  # workers ran as SLURM jobs
-    assert wait_for_no_jobs() == []  # and were cancelled at the end
+    assert seen, "no worker job was seen running"  # the workers ran as SLURM jobs
+    assert wait_for_no_jobs(job) == []  # and were cancelled at the end
     job_logs = sorted((tmp_path / "logs").glob("*.err"))
-    assert {p.name.split("-")[-1].split(".")[0] for p in job_logs} >= {job for job, _ in seen}
+    assert {p.name.split("-")[-1].split(".")[0] for p in job_logs} >= seen
     assert "broken.svs" in text and ledger(out)["broken"]["status"] == "failed"
     assert assert_same_results(root / "local", out, names) > 100
     assert temporary_folders(out) == []
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_driver_cancels_its_jobs(slurm_cohort, tmp_path):  # noqa: F811
+def test_sigterm_to_the_driver_cancels_its_jobs(slurm_cohort, tmp_path):
     require_slurm()
-    assert wait_for_no_jobs() == [], "jobs of something else are in the queue"
     root, names, args = slurm_cohort
-    out = tmp_path / "out"
+    out, job = tmp_path / "out", unique_job_name()
     run = popen_cli(
         root / "slides",
         "--out",
@@ -166,20 +165,44 @@ def test_sigterm_to_the_driver_cancels_its_jobs(slurm_cohort, tmp_path):  # noqa
         *args,
         *SLURM_SETTINGS,
         f"slurm.log_directory={tmp_path / 'logs'}",
+        f"slurm.job_extra_directives=--job-name={job}",
         log=tmp_path / "run.log",
     )
     try:
         deadline = time.monotonic() + 180
-        while run.poll() is None and not any(s == "RUNNING" for *_, s in our_jobs()) and time.monotonic() < deadline:
+        while run.poll() is None and not any(s == "RUNNING" for *_, s in our_jobs(job)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert run.poll() is None, (tmp_path / "run.log").read_text()
-        assert any(s == "RUNNING" for *_, s in our_jobs()), "no worker job started"
+        assert any(s == "RUNNING" for *_, s in our_jobs(job)), "no worker job started"
         run.send_signal(signal.SIGTERM)  # what scancel of the driver's job sends first
         code = run.wait(120)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     assert code == 128 + signal.SIGTERM, (tmp_path / "run.log").read_text()
-    assert wait_for_no_jobs() == []
+    assert wait_for_no_jobs(job) == []
     assert temporary_folders(out) == []  # the interrupted slide's folder was removed
     assert not any((out / n / "report.json").exists() for n in names[1:])
+
+
+def read_tile(x: int) -> int:  # named like the pipeline's read task
+    return x + 1
+
+
+def test_scheduler_knows_the_pipeline_task_durations():
+    """Unknown durations would make adaptive scaling wait for the first tasks before asking for jobs."""
+    from wsi_grunet.cluster import open_client
+
+    cfg = load_config(None, [{"cluster": {"workers": 1}}])
+    with open_client(cfg) as client:
+
+        def first_guess(dask_scheduler, name):  # what the scheduler assumes for a task name it sees first
+            from distributed.scheduler import TaskPrefix
+
+            return TaskPrefix(name).duration_average
+
+        assert client.run_on_scheduler(first_guess, name="read_tile") == 1.0
+        assert client.run_on_scheduler(first_guess, name="predict_tiles_on_worker") == 20.0
+        assert client.run_on_scheduler(first_guess, name="something_else") == -1  # unknown: the global default
+        assert client.submit(read_tile, 1).result() == 2
+    assert client.status == "closed"

@@ -195,8 +195,7 @@ def make_slurm_cluster(cfg: RunConfig) -> Any:
     if options.log_directory:
         os.makedirs(options.log_directory, exist_ok=True)
     kwargs = slurm_cluster_kwargs(options)
-    with dask.config.set({"distributed.scheduler.default-task-durations": TASK_DURATIONS}):
-        cluster = SLURMCluster(dashboard_address=None, **kwargs)
+    cluster = SLURMCluster(dashboard_address=None, **kwargs)
     # wait_count x interval: a worker recommended for closing 10 times in a row (20 s) goes; the
     # minimum of jobs_min stays. Busy jobs are never closed (KeepBusyAdaptive).
     cluster.adapt(
@@ -242,7 +241,9 @@ class _Interrupted:
 @contextmanager
 def open_client(cfg: RunConfig) -> Iterator[Client]:
     """A Dask client for ``cfg.cluster``; the cluster this opened (and its SLURM jobs) is closed on exit."""
-    with _Interrupted():
+    # The scheduler (in this process for local and SLURM clusters) reads the default durations when it
+    # first sees a task name, so they stay set while the client is open.
+    with _Interrupted(), dask.config.set({"distributed.scheduler.default-task-durations": TASK_DURATIONS}):
         cluster: Any = None
         client: Client | None = None
         try:
