@@ -133,7 +133,7 @@ def test_ome_pixels_reads_each_image():
 def test_pixel_size_in_nanometres_from_a_file(tmp_path, pixels):
     path = write_ome(tmp_path / "nm.ome.tif", pixels[:2], "zlib", mpp=250.0, unit="nm")
     with SlideReader(path, 0.5) as reader:
-        assert reader.slide_mpp == pytest.approx(0.25) and reader.level == 1 and reader.scale == 2.0
+        assert reader.slide_mpp == pytest.approx(0.25) and reader.level == 1 and reader.level0_per_model == 2.0
 
 
 def test_implausible_ome_pixel_size_needs_mpp(tmp_path, pixels):
@@ -277,6 +277,6 @@ def test_info_names_the_backend(pair, capsys):
     assert "Backend:     tifffile" in first and "Format:      ome-tiff" in first
     assert "0.25 x 0.25 um/px (from OME-XML PhysicalSizeX/Y)" in first and "level 2: 300 x 225 px" in first
     assert "Backend:     openslide" in second and "Format:      aperio" in second
-    assert describe(inspect_slide(ome), target_mpp=0.5).splitlines()[-1] == (
+    assert describe(inspect_slide(ome), model_mpp=0.5).splitlines()[-1] == (
         "At 0.5 um/px: reads level 1 (0.5 um/px), copied without resampling; model image 450 x 600 px (height x width)"
     )

@@ -79,7 +79,7 @@ def test_inspect_synthetic_slide(slide):
 
 
 def test_describe_names_levels_and_the_level_read(slide):
-    text = describe(inspect_slide(slide["path"]), target_mpp=0.5)
+    text = describe(inspect_slide(slide["path"]), model_mpp=0.5)
     assert str(slide["path"]) in text
     assert "0.25 x 0.25 um/px" in text and "40x" in text
     assert "level 2: 500 x 375 px" in text
@@ -123,7 +123,7 @@ def test_geometric_downsamples(odd_slide):
 def test_pass_through_when_a_level_matches_the_target(slide, target, level):
     with SlideReader(slide["path"], target) as reader:
         assert reader.level == level
-        assert reader.scale == 2**level
+        assert reader.level0_per_model == 2**level
         assert reader.model_shape == (1500 // 2**level, 2000 // 2**level)
         got = reader.read(Box(40, 70, 240, 370))
     assert got.dtype == np.uint8 and got.shape == (200, 300, 3)
@@ -136,7 +136,7 @@ def test_nuclei_land_where_the_geometry_says(request, which, target):
     truth = request.getfixturevalue(which)
     with SlideReader(truth["path"], target) as reader:
         image = reader.read(Box(0, 0, *reader.model_shape))
-        scale = reader.scale
+        scale = reader.level0_per_model
     assert scale == pytest.approx(target / 0.25)
     found = _disc_centres(image)
     expected = truth["centres"] / scale
@@ -161,7 +161,7 @@ def test_outside_the_slide_is_white(slide, target):
         assert (reader.read(Box(-64, -64, -1, 300)) == 255).all()
         assert (reader.read(Box(h + 5, w + 5, h + 50, w + 90)) == 255).all()
         # first model row/column wholly past the slide's end (the one before may straddle it)
-        y_out, x_out = math.ceil(1500 / reader.scale), math.ceil(2000 / reader.scale)
+        y_out, x_out = math.ceil(1500 / reader.level0_per_model), math.ceil(2000 / reader.level0_per_model)
         edge = reader.read(Box(y_out - 32, x_out - 32, y_out + 32, x_out + 32))
         # glass is not pure white, so the slide's corner is visibly there and the rest is 255
         assert (edge[32:, :] == 255).all() and (edge[:, 32:] == 255).all()
@@ -175,7 +175,7 @@ def test_resampling_matches_pillow_bilinear(tmp_path):
     source = _openslide_rgb(truth["path"], 0, 0, 0, 900, 700)
     for target in [0.37, 0.5, 0.8, 0.2]:
         with SlideReader(truth["path"], target) as reader:
-            scale = reader.scale
+            scale = reader.level0_per_model
             h, w = int(700 / scale), int(900 / scale)
             got = reader.read(Box(0, 0, h, w)).astype(int)
         ref = np.asarray(
@@ -243,7 +243,7 @@ def test_cmu_small_region_metadata(slides_dir):
 def test_cmu_read_at_half_micron_matches_independent_resampling(slides_dir):
     path = slides_dir / "CMU-1-Small-Region.svs"
     with SlideReader(path, 0.5) as reader:
-        scale = reader.scale
+        scale = reader.level0_per_model
         assert scale == pytest.approx(0.5 / 0.499)
         assert reader.model_shape == (round(2967 / scale), round(2220 / scale))
         box = Box(1200, 700, 1712, 1212)
@@ -265,7 +265,7 @@ def test_cmu_read_at_half_micron_matches_independent_resampling(slides_dir):
 def test_cmu_pass_through_out_of_bounds_and_thumbnail(slides_dir):
     path = slides_dir / "CMU-1-Small-Region.svs"
     with SlideReader(path, 0.499) as reader:
-        assert reader.scale == 1.0 and reader.model_shape == (2967, 2220)
+        assert reader.level0_per_model == 1.0 and reader.model_shape == (2967, 2220)
         got = reader.read(Box(1000, 500, 1300, 900))
         np.testing.assert_array_equal(got, _openslide_rgb(path, 0, 500, 1000, 400, 300))
         corner = reader.read(Box(2900, 2200, 3000, 2300))

@@ -55,9 +55,9 @@ def inspect_slide(path: str | os.PathLike) -> SlideInfo:
 
 
 class SlideReader:
-    """Reads regions of a slide resampled exactly to ``target_mpp`` (model pixels).
+    """Reads regions of a slide resampled exactly to ``model_mpp`` (model pixels).
 
-    ``plan`` is the read plan at ``target_mpp``; ``scale`` (level-0 pixels per model pixel, snapped
+    ``plan`` is the read plan at ``model_mpp``; ``level0_per_model`` (level-0 pixels per model pixel, snapped
     to a pyramid downsample when equal within 1e-6 so that level is copied pixel for pixel),
     ``level``, ``model_shape`` (H, W) and ``slide_mpp`` repeat its fields. ``backend`` names the
     library reading the pixels ("openslide" or "tifffile"). Both backends may be shared by threads
@@ -65,32 +65,32 @@ class SlideReader:
     they can travel to dask workers.
     """
 
-    def __init__(self, path: str | os.PathLike, target_mpp: float, mpp_override: float | None = None):
-        if not positive_number(target_mpp):
-            raise ConfigError(f"target microns-per-pixel must be a positive number, got {target_mpp!r}")
+    def __init__(self, path: str | os.PathLike, model_mpp: float, mpp_override: float | None = None):
+        if not positive_number(model_mpp):
+            raise ConfigError(f"model microns-per-pixel must be a positive number, got {model_mpp!r}")
         if mpp_override is not None and not positive_number(mpp_override):
             raise ConfigError(f"--mpp must be a positive number of microns per pixel, got {mpp_override!r}")
         self.path = str(path)
-        self.target_mpp = float(target_mpp)
+        self.model_mpp = float(model_mpp)
         self.mpp_override = None if mpp_override is None else float(mpp_override)
         self._backend: SlideBackend = open_backend(path)
         try:
             self.info = self._backend.info
-            self.plan: ReadPlan = plan_read(self.info, self.target_mpp, self.mpp_override)
+            self.plan: ReadPlan = plan_read(self.info, self.model_mpp, self.mpp_override)
         except Exception:
             self._backend.close()
             raise
         self.backend: str = self._backend.name
         self.slide_mpp = self.plan.slide_mpp
         self.downsamples = self.plan.downsamples
-        self.scale = self.plan.scale
+        self.level0_per_model = self.plan.scale
         self.model_shape = self.plan.shape
         self.level = self.plan.level
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def __reduce__(self):
-        return (SlideReader, (self.path, self.target_mpp, self.mpp_override))
+        return (SlideReader, (self.path, self.model_mpp, self.mpp_override))
 
     def __enter__(self) -> SlideReader:  # noqa: PYI034 (Python 3.10 has no typing.Self)
         return self
@@ -103,7 +103,7 @@ class SlideReader:
 
     def __repr__(self) -> str:
         return (
-            f"SlideReader({self.path!r}, target_mpp={self.target_mpp}, slide_mpp={self.slide_mpp}, "
+            f"SlideReader({self.path!r}, model_mpp={self.model_mpp}, slide_mpp={self.slide_mpp}, "
             f"model_shape={self.model_shape}, level={self.level}, backend={self.backend!r})"
         )
 
@@ -193,20 +193,20 @@ class SlideReader:
 
     def model_to_level0(self, y: float, x: float) -> tuple[float, float]:
         """Continuous model-pixel coordinates to level-0 pixel coordinates."""
-        return y * self.scale, x * self.scale
+        return y * self.level0_per_model, x * self.level0_per_model
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, target_mpp: float, mpp_override: float | None) -> SlideReader:
-    return SlideReader(path, target_mpp, mpp_override)
+def _cached_reader(path: str, model_mpp: float, mpp_override: float | None) -> SlideReader:
+    return SlideReader(path, model_mpp, mpp_override)
 
 
-def open_reader_cached(path: str | os.PathLike, target_mpp: float, mpp_override: float | None = None) -> SlideReader:
+def open_reader_cached(path: str | os.PathLike, model_mpp: float, mpp_override: float | None = None) -> SlideReader:
     """A per-process shared reader (small LRU cache), so workers reuse one handle per slide.
 
     Do not close the returned reader: other tasks in the process may be using it.
     """
-    return _cached_reader(str(path), float(target_mpp), None if mpp_override is None else float(mpp_override))
+    return _cached_reader(str(path), float(model_mpp), None if mpp_override is None else float(mpp_override))
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,8 +214,8 @@ def open_reader_cached(path: str | os.PathLike, target_mpp: float, mpp_override:
 # --------------------------------------------------------------------------------------------
 
 
-def describe(info: SlideInfo, target_mpp: float | None = None, mpp_override: float | None = None) -> str:
-    """Multi-line text for ``wsi-grunet info SLIDE``; with ``target_mpp``, what a run would read
+def describe(info: SlideInfo, model_mpp: float | None = None, mpp_override: float | None = None) -> str:
+    """Multi-line text for ``wsi-grunet info SLIDE``; with ``model_mpp``, what a run would read
     (the same ``ReadPlan`` a ``SlideReader`` follows)."""
     lines = [f"Slide:       {info.path}", f"Format:      {info.vendor or 'unknown'}", f"Backend:     {info.backend}"]
     lines.append(f"Size:        {info.width} x {info.height} px (width x height, level 0)")
@@ -244,14 +244,14 @@ def describe(info: SlideInfo, target_mpp: float | None = None, mpp_override: flo
             text += f", {slide_mpp * geometric:.4g} um/px"
         lines.append(f"  level {level}: {w} x {h} px, {text}")
     lines.append(f"Associated:  {', '.join(info.associated_images) if info.associated_images else 'none'}")
-    if target_mpp is not None:
+    if model_mpp is not None:
         if slide_mpp is None:
-            lines.append(f"At {target_mpp:g} um/px: unknown until the pixel size is given (pass --mpp)")
+            lines.append(f"At {model_mpp:g} um/px: unknown until the pixel size is given (pass --mpp)")
         else:
-            plan = plan_read(info, target_mpp, mpp_override)
+            plan = plan_read(info, model_mpp, mpp_override)
             height, width = plan.shape
             lines.append(
-                f"At {target_mpp:g} um/px: reads level {plan.level} "
+                f"At {model_mpp:g} um/px: reads level {plan.level} "
                 f"({plan.slide_mpp * plan.downsamples[plan.level]:.4g} um/px), {plan.how()}; "
                 f"model image {height} x {width} px (height x width)"
             )
