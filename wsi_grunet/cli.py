@@ -194,6 +194,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from .interop.tiatoolbox_store import export_results
+    except ImportError as exc:  # TIAToolbox lives in its own environment
+        log.error("export --to tiatoolbox-store: %s", exc)
+        return EXIT_FAILED
+    for result in export_results(Path(args.results), Path(args.out) if args.out else None):
+        print(f"{result.slide_dir}: {result.annotations} nuclei -> {result.store}")
+    return EXIT_OK
+
+
 def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (see configs/default.yaml), merged over the defaults")
     p.add_argument("--set", nargs="+", metavar="SECTION.KEY=VALUE", help="override any config value")
@@ -284,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     _config_options(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("export", help="convert finished results for other tools (TIAToolbox SQLiteStore)")
+    ex.add_argument("results", help="results folder of `run` (all its slides) or one slide folder")
+    ex.add_argument("--to", required=True, choices=["tiatoolbox-store"], help="target format")
+    ex.add_argument("--out", help="store file (one slide only); default <slide folder>/nuclei.db")
+    ex.add_argument("--quiet", action="store_true")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 
