@@ -83,7 +83,7 @@ def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.nd
     if owned.count:
         np.savez_compressed(files.labels, labels=owned.labels)
         records = nuclei_records(owned.labels, prob, (tile.read.y0, tile.read.x0), ctx.model_mpp,
-                                 ctx.level0_per_model)
+                                 ctx.level0_per_model, threshold=ctx.params.threshold)  # outlines at the labelling threshold
     with open(files.nuclei, "w") as handle:
         for record in records:
             row = {f.name: getattr(record, f.name) for f in fields(record)}  # asdict would deep-copy polygons
