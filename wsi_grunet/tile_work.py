@@ -82,8 +82,9 @@ def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.nd
     records = []
     if owned.count:
         np.savez_compressed(files.labels, labels=owned.labels)
+        # Outlines follow the probability at the threshold the nuclei were labelled with.
         records = nuclei_records(owned.labels, prob, (tile.read.y0, tile.read.x0), ctx.model_mpp,
-                                 ctx.level0_per_model, threshold=ctx.params.threshold)  # outlines at the labelling threshold
+                                 ctx.level0_per_model, threshold=ctx.params.threshold)
     with open(files.nuclei, "w") as handle:
         for record in records:
             row = {f.name: getattr(record, f.name) for f in fields(record)}  # asdict would deep-copy polygons
