@@ -82,14 +82,14 @@ def test_tiatoolbox_engine_runs_grunet_like_our_predictor(tiny_checkpoint, share
             "--out",
             str(out),
             "--patch",
-            "256",
+            "512",
             "--halo",
             "64",
         ]
     )
     report = json.loads(out.read_text())
     patch = report["patch_mode"]
-    assert patch["shape"] == [128, 128, 2][:2]
+    assert patch["shape"] == [384, 384]
     assert patch["prob_std"] > 1e-4  # not a constant map: the comparison means something
     assert patch["max_abs_diff"] < 1e-4
     wsi = report["wsi_mode"]
@@ -118,7 +118,7 @@ def test_exported_store_reads_back_in_tiatoolbox(tmp_path):
         "--workers",
         "1",
         "--tile-size",
-        "256",
+        "384",
         "--halo",
         "64",
         "--outputs",

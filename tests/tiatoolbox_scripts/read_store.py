@@ -13,10 +13,13 @@ import sys
 from shapely.geometry import box
 from tiatoolbox.annotation.storage import SQLiteStore
 
+from wsi_grunet.interop.tiatoolbox_store import open_store
+
 
 def main() -> None:
     path, width, height = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    store = SQLiteStore(path)
+    store = open_store(path)
+    assert isinstance(store, SQLiteStore)
     rows = []
     for key, annotation in store.items():
         geom = annotation.geometry

@@ -9,9 +9,11 @@ into place when complete.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,27 @@ GEOJSON_NAME = "nuclei.geojson.gz"
 STORE_NAME = "nuclei.db"
 BATCH = 5_000
 _COLUMN_OF = {label: attr for attr, label in MEASUREMENTS}
+
+
+class NucleusStore(SQLiteStore):
+    """TIAToolbox's SQLiteStore, also on Pythons built without loadable SQLite extensions.
+
+    TIAToolbox reads SQLite's compile options after ``enable_load_extension(True)``, which such builds
+    (e.g. some python.org/pyenv builds) lack, so the store cannot even open there; the options (JSON and
+    R-tree support, which it checks) are readable without it. Files are ordinary TIAToolbox stores.
+    """
+
+    @staticmethod
+    def compile_options() -> list[str]:
+        with sqlite3.connect(":memory:") as conn:
+            options = conn.execute("pragma compile_options").fetchall()
+        return [opt for (opt,) in options]
+
+
+def open_store(path: str | os.PathLike, **kwargs: bool) -> SQLiteStore:
+    """Open a store with TIAToolbox's own class where it works here, else :class:`NucleusStore`."""
+    cls = SQLiteStore if hasattr(sqlite3.Connection, "enable_load_extension") else NucleusStore
+    return cls(Path(path), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -112,7 +135,7 @@ def export_slide(slide_dir: Path, out: Path | None = None, batch: int = BATCH, o
     partial.unlink(missing_ok=True)
     count = 0
     try:
-        store = SQLiteStore(partial, auto_commit=False)
+        store = open_store(partial, auto_commit=False)
         try:
             for group in _batches((feature_annotation(f) for f in read_features(source)), batch):
                 keys, annotations = zip(*group)
@@ -121,6 +144,9 @@ def export_slide(slide_dir: Path, out: Path | None = None, batch: int = BATCH, o
                 count += len(group)
         finally:
             store.close()
+            # the store reconnects to its path when collected; let it go before the file is renamed
+            del store
+            gc.collect()
         os.replace(partial, out)
     except (OSError, ValueError, KeyError) as exc:
         raise OutputError(f"{out}: cannot write the TIAToolbox store ({exc})") from None
