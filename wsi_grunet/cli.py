@@ -116,7 +116,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     bundle = resolve_weights(cfg.model.weights)
     for entry in find_slides([Path(p) for p in args.slides]):
-        print(describe(inspect_slide(entry.path), target_mpp=bundle.mpp, mpp_override=cfg.slide.mpp))
+        print(describe(inspect_slide(entry.path), model_mpp=bundle.mpp, mpp_override=cfg.slide.mpp))
         print(f"Output name: {entry.name}")
         print()
     print(f"model: {bundle.status_line}")

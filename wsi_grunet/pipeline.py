@@ -243,8 +243,8 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
     if work.ctx.zarr_path is not None:
         t = time.perf_counter()
         jobs = label_shard_jobs(plan.all_tiles(), counts, offsets, plan.grid)
-        futures = [client.submit(write_label_shard, core, sources, work.ctx.zarr_path, str(work.work_dir),
-                                 pure=False) for core, sources in jobs]
+        futures: list[Any] = [client.submit(write_label_shard, core, sources, work.ctx.zarr_path,
+                                            str(work.work_dir), pure=False) for core, sources in jobs]
         if work.ctx.rgb_reader is not None:  # the RGB of the tiles without tissue, one task per core
             run = set(plan.tissue_tiles)
             futures += [client.submit(write_rgb_core, work.ctx, tile, pure=False) for tile in plan.all_tiles()

@@ -213,6 +213,7 @@ def evaluate_dirs(
 
     keys = next(iter(per_image.values())).keys()
     mean = {k: float(np.mean([m[k] for m in per_image.values()])) for k in keys}
+    assert total is not None  # at least one image was scored above
     return {"images": per_image, "mean": mean, "aggregate": total.metrics()}
 
 

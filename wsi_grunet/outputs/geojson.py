@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import typing
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -129,7 +130,7 @@ class QuPathGeoJsonWriter:
         self.classification = {"name": str(class_name), "color": color}
         self.compresslevel = compresslevel
         self._partial = self.path.with_name(self.path.name + ".partial")
-        self._file = None
+        self._file: typing.TextIO | None = None
         self._count = 0
 
     @property

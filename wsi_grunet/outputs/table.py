@@ -89,6 +89,8 @@ class NucleusTableWriter:
     def _flush(self) -> None:
         if not self._buffer["id"]:
             return
+        if self._writer is None:
+            raise OutputError(f"{self.path}: writer is not open (use it as a context manager)")
         batch = pa.RecordBatch.from_pydict(self._buffer, schema=self.schema)
         try:
             self._writer.write_batch(batch, row_group_size=self.rows_per_group)
