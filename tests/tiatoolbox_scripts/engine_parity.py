@@ -78,8 +78,8 @@ def main() -> None:
         prob = np.asarray(group["probabilities"])[..., 1]
         report["wsi_mode"] = {"keys": sorted(group.keys()), "shape": list(prob.shape)}
     ours_shape = SlideReader(args.slide, mpp, None).model_shape
-    report["wsi_mode"]["wsi_grunet_model_shape"] = list(ours_shape)
-    report["wsi_mode"]["tiatoolbox_model_shape"] = list(reader.slide_dimensions(mpp, "mpp"))[::-1]
+    report["wsi_mode"]["wsi_grunet_model_shape"] = [int(v) for v in ours_shape]
+    report["wsi_mode"]["tiatoolbox_model_shape"] = [int(v) for v in reader.slide_dimensions(mpp, "mpp")][::-1]
     diffs = []
     for oy in range(core, prob.shape[0] - 2 * core, core):  # interior output patches, each against our predictor
         for ox in range(core, prob.shape[1] - 2 * core, core):
@@ -92,7 +92,7 @@ def main() -> None:
             break
     report["wsi_mode"]["patches_compared"] = len(diffs)
     report["wsi_mode"]["max_abs_diff"] = max(diffs)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=2, default=float))
 
 
 if __name__ == "__main__":
