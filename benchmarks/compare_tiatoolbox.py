@@ -180,6 +180,9 @@ def main() -> None:
         ]
         if args.weights:
             ours_cmd += ["--weights", args.weights]
+        core = args.patch - 2 * args.halo
+        if core % 256:  # the default zarr chunk must divide the tile core
+            ours_cmd += ["--set", f"output.chunk={core}"]
         ours = timed(ours_cmd, work / "ours.log")
         slide_dir = work / "res" / name
         report = json.loads((slide_dir / "report.json").read_text())
