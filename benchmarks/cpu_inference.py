@@ -53,10 +53,19 @@ def run_one(path: str, tile: int, repeats: int) -> dict:
         start = time.perf_counter()
         predictor.predict(tiles)
         times.append(time.perf_counter() - start)
-    return {"path": path, "tile": tile, "first_s": first_s, "times_s": times, "median_s": float(np.median(times)),
-            "min_s": float(min(times)),
-            "rss_before_forward_mb": before_mb, "peak_rss_mb": peak_mb, "forward_extra_mb": peak_mb - before_mb,
-            "describe": predictor.describe(), "torch_threads": torch.get_num_threads()}
+    return {
+        "path": path,
+        "tile": tile,
+        "first_s": first_s,
+        "times_s": times,
+        "median_s": float(np.median(times)),
+        "min_s": float(min(times)),
+        "rss_before_forward_mb": before_mb,
+        "peak_rss_mb": peak_mb,
+        "forward_extra_mb": peak_mb - before_mb,
+        "describe": predictor.describe(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def interleaved(configs: list[tuple[str, int]], rounds: int, halo: int) -> list[dict]:
@@ -71,8 +80,9 @@ def interleaved(configs: list[tuple[str, int]], rounds: int, halo: int) -> list[
     for path in sorted({p for p, _ in configs}):
         amp, channels_last = PATHS[path]
         # a model of its own per predictor: a predictor converts its model's memory layout in place
-        predictors[path] = Predictor(load_checkpoint(packaged_weights()), device="cpu", amp=amp,
-                                     channels_last=channels_last)
+        predictors[path] = Predictor(
+            load_checkpoint(packaged_weights()), device="cpu", amp=amp, channels_last=channels_last
+        )
     inputs = {t: np.random.default_rng(0).integers(0, 256, (1, t, t, 3), dtype=np.uint8) for _, t in configs}
     for path, tile in configs:  # warm-up
         predictors[path].predict(inputs[tile])
@@ -87,11 +97,25 @@ def interleaved(configs: list[tuple[str, int]], rounds: int, halo: int) -> list[
     rows = []
     for (path, tile), values in times.items():
         core = tile - 2 * halo
-        rows.append({"path": path, "tile": tile, "core": core, "halo": halo, "times_s": values, "min_s": min(values),
-                     "median_s": float(np.median(values)), "min_s_per_mpx_core": min(values) / (core * core / 1e6),
-                     "describe": predictors[path].describe(), "loadavg_per_round": loads})
-        print(f"{path:10s} {tile:5d}  min {min(values):7.2f} s  median {np.median(values):7.2f} s  "
-              f"{rows[-1]['min_s_per_mpx_core']:6.2f} s/Mpx(core)", flush=True)
+        rows.append(
+            {
+                "path": path,
+                "tile": tile,
+                "core": core,
+                "halo": halo,
+                "times_s": values,
+                "min_s": min(values),
+                "median_s": float(np.median(values)),
+                "min_s_per_mpx_core": min(values) / (core * core / 1e6),
+                "describe": predictors[path].describe(),
+                "loadavg_per_round": loads,
+            }
+        )
+        print(
+            f"{path:10s} {tile:5d}  min {min(values):7.2f} s  median {np.median(values):7.2f} s  "
+            f"{rows[-1]['min_s_per_mpx_core']:6.2f} s/Mpx(core)",
+            flush=True,
+        )
     return rows
 
 
@@ -101,19 +125,31 @@ def main() -> None:
     parser.add_argument("--halo", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes after the warm-up (min and median kept)")
     parser.add_argument("--paths-at-512", nargs="+", default=list(PATHS), help="paths timed at 512 px")
-    parser.add_argument("--sweep-paths", nargs="+", default=["cl_bf16", "cl_fp32"],
-                        help="paths timed at every --tiles size")
+    parser.add_argument(
+        "--sweep-paths", nargs="+", default=["cl_bf16", "cl_fp32"], help="paths timed at every --tiles size"
+    )
     parser.add_argument("--tiles", nargs="+", type=int, default=[512, 768, 1152, 1536])
     parser.add_argument("--one", nargs=2, metavar=("PATH", "TILE"), help=argparse.SUPPRESS)
-    parser.add_argument("--interleaved", type=int, metavar="ROUNDS",
-                        help="time the configurations in turn for ROUNDS rounds in one process (no memory figures)")
+    parser.add_argument(
+        "--interleaved",
+        type=int,
+        metavar="ROUNDS",
+        help="time the configurations in turn for ROUNDS rounds in one process (no memory figures)",
+    )
     args = parser.parse_args()
     if args.interleaved:
         configs = [(p, 512) for p in args.paths_at_512]
         configs += [(p, t) for p in args.sweep_paths for t in args.tiles if (p, t) not in configs]
         rows = interleaved(configs, args.interleaved, args.halo)
-        _write(args.out, {"command": "python benchmarks/cpu_inference.py " + " ".join(sys.argv[1:]),
-                          "machine": _machine(), "model": "packaged full-width GRU-Net", "rows": rows})
+        _write(
+            args.out,
+            {
+                "command": "python benchmarks/cpu_inference.py " + " ".join(sys.argv[1:]),
+                "machine": _machine(),
+                "model": "packaged full-width GRU-Net",
+                "rows": rows,
+            },
+        )
         return
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats)))
@@ -124,24 +160,57 @@ def main() -> None:
     rows = []
     for path, tile in jobs:
         load = os.getloadavg()
-        proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--repeats", str(args.repeats),
-                               "--one", path, str(tile)], capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--out",
+                str(args.out),
+                "--repeats",
+                str(args.repeats),
+                "--one",
+                path,
+                str(tile),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         core = tile - 2 * args.halo
-        row.update({"halo": args.halo, "core": core, "loadavg_before": load,
-                    "s_per_mpx_core": row["median_s"] / (core * core / 1e6),
-                    "min_s_per_mpx_core": row["min_s"] / (core * core / 1e6),
-                    "peak_mb_per_mpx_tile": row["forward_extra_mb"] / (tile * tile / 1e6)})
+        row.update(
+            {
+                "halo": args.halo,
+                "core": core,
+                "loadavg_before": load,
+                "s_per_mpx_core": row["median_s"] / (core * core / 1e6),
+                "min_s_per_mpx_core": row["min_s"] / (core * core / 1e6),
+                "peak_mb_per_mpx_tile": row["forward_extra_mb"] / (tile * tile / 1e6),
+            }
+        )
         rows.append(row)
-        print(f"{path:10s} {tile:5d}  {row['median_s']:7.2f} s  {row['s_per_mpx_core']:6.2f} s/Mpx(core)  "
-              f"peak {row['peak_rss_mb']:7.0f} MB (+{row['forward_extra_mb']:.0f})", flush=True)
-    _write(args.out, {"command": "python benchmarks/cpu_inference.py " + " ".join(sys.argv[1:]),
-                      "machine": _machine(), "model": "packaged full-width GRU-Net", "rows": rows})
+        print(
+            f"{path:10s} {tile:5d}  {row['median_s']:7.2f} s  {row['s_per_mpx_core']:6.2f} s/Mpx(core)  "
+            f"peak {row['peak_rss_mb']:7.0f} MB (+{row['forward_extra_mb']:.0f})",
+            flush=True,
+        )
+    _write(
+        args.out,
+        {
+            "command": "python benchmarks/cpu_inference.py " + " ".join(sys.argv[1:]),
+            "machine": _machine(),
+            "model": "packaged full-width GRU-Net",
+            "rows": rows,
+        },
+    )
 
 
 def _machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores_available": len(os.sched_getaffinity(0)),
-            "note": "shared machine: other processes ran at the same time (see the load averages)"}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "note": "shared machine: other processes ran at the same time (see the load averages)",
+    }
 
 
 def _write(out: Path, result: dict) -> None:

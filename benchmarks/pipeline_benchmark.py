@@ -85,8 +85,12 @@ def model_only(slide: Path, weights: str | None, options_overrides: list[dict], 
     for tile in tiles[: min(len(tiles), 16)]:
         read_tile(plan.reader_args(), tile)
     read_s = (time.perf_counter() - read_start) / min(len(tiles), 16)
-    return {"tiles_per_s": n_batches * batch / seconds, "batch": batch, "predictor": predictor.describe(),
-            "read_decode_s_per_tile_1proc": read_s}
+    return {
+        "tiles_per_s": n_batches * batch / seconds,
+        "batch": batch,
+        "predictor": predictor.describe(),
+        "read_decode_s_per_tile_1proc": read_s,
+    }
 
 
 def main() -> int:
@@ -105,12 +109,27 @@ def main() -> int:
     overrides: list[dict] = [{"model": {"device": args.device, "weights": args.weights}}]
     if args.tile_size:
         overrides.append({"tiling": {"tile_size": args.tile_size}})
-    result: dict = {"slide": str(args.slide), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                          "processor": platform.processor()}}
+    result: dict = {
+        "slide": str(args.slide),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+    }
     with tempfile.TemporaryDirectory(prefix="wsi-grunet-bench-") as tmp:
         out = Path(tmp) / "results"
-        cmd = [sys.executable, "-m", "wsi_grunet.cli", "run", str(args.slide), "--out", str(out), "--quiet",
-               "--device", args.device, "--workers", str(args.workers), *args.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wsi_grunet.cli",
+            "run",
+            str(args.slide),
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            args.device,
+            "--workers",
+            str(args.workers),
+            *args.extra,
+        ]
         if args.weights:
             cmd += ["--weights", args.weights]
         if args.tile_size:
@@ -141,9 +160,21 @@ def main() -> int:
         "peak_rss_gb_all_processes": peak_rss / 1e9,
         "model_busy_share_of_tile_phase": timings.get("inference_s", 0.0) / timings["tiles_s"],
         "model_busy_share_of_wall": timings.get("inference_s", 0.0) / wall,
-        "stages_s": {key: timings.get(key) for key in ("plan_s", "tiles_s", "inference_s", "read_wait_s",
-                                                        "postprocess_task_s", "labels_s", "pyramid_s", "vectors_s",
-                                                        "preview_s", "total_s")},
+        "stages_s": {
+            key: timings.get(key)
+            for key in (
+                "plan_s",
+                "tiles_s",
+                "inference_s",
+                "read_wait_s",
+                "postprocess_task_s",
+                "labels_s",
+                "pyramid_s",
+                "vectors_s",
+                "preview_s",
+                "total_s",
+            )
+        },
         "inference": report["model"]["inference"],
     }
     result["end_to_end"] = e2e

@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -42,9 +41,9 @@ def _train_one(name: str, folders: list[str], work: str, minutes: float, extra: 
 
 
 def _validation_items(name: str, folders: list[str], work: str):
+    from wsi_grunet.config import load_train_config
     from wsi_grunet.model.checkpoint import load_checkpoint
     from wsi_grunet.model.predictor import Predictor, predict_image
-    from wsi_grunet.config import load_train_config
     from wsi_grunet.train.loop import load_training_data
     from wsi_grunet.train.tune import ValidationItem
 
@@ -77,8 +76,16 @@ def _benchmark(model_dir: Path, seconds: float = 4.0) -> list[dict]:
                     n += batch
                 torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
-                rows.append({"amp": amp, "batch": batch, "channels_last": channels_last, "tile": 1152,
-                             "tiles_per_s": n / elapsed, "megapixels_per_s": n * 1152 * 1152 / elapsed / 1e6})
+                rows.append(
+                    {
+                        "amp": amp,
+                        "batch": batch,
+                        "channels_last": channels_last,
+                        "tile": 1152,
+                        "tiles_per_s": n / elapsed,
+                        "megapixels_per_s": n * 1152 * 1152 / elapsed / 1e6,
+                    }
+                )
                 print(rows[-1], flush=True)
     return rows
 
@@ -106,7 +113,7 @@ def main() -> None:
         p.start()
     for p in procs if not args.skip_train else []:
         p.join()
-    from wsi_grunet.train.tune import summarise, tune_postprocess
+    from wsi_grunet.train.tune import tune_postprocess
 
     results = {"variants": {}}
     for name in args.variants:
@@ -118,9 +125,14 @@ def main() -> None:
         tuned = tune_postprocess(items, bundle.mpp, workers=args.tune_workers)
         info = json.loads((work / name / "train_info.json").read_text())
         results["variants"][name] = {
-            "mpp": bundle.mpp, "aux_distance_head": bundle.model.config.aux_distance_head,
-            "train": info, "best_params": tuned["best"]["params"], "summary": tuned["best"]["summary"],
-            "per_image": tuned["best"]["images"], "grid": tuned["grid"], "tune_seconds": time.perf_counter() - start,
+            "mpp": bundle.mpp,
+            "aux_distance_head": bundle.model.config.aux_distance_head,
+            "train": info,
+            "best_params": tuned["best"]["params"],
+            "summary": tuned["best"]["summary"],
+            "per_image": tuned["best"]["images"],
+            "grid": tuned["grid"],
+            "tune_seconds": time.perf_counter() - start,
         }
         print(name, json.dumps(tuned["best"]["summary"]), flush=True)
     scored = {n: v["summary"]["objective"]["aji"] for n, v in results["variants"].items() if "summary" in v}
@@ -135,13 +147,15 @@ def main() -> None:
     meta = json.loads(meta_path.read_text())
     meta["postprocess"] = results["variants"][chosen]["best_params"]
     meta["threshold"] = meta["postprocess"]["threshold"]
-    meta["validation"] = {"summary": results["variants"][chosen]["summary"],
-                          "selection": {n: round(s, 4) for n, s in scored.items()}}
+    meta["validation"] = {
+        "summary": results["variants"][chosen]["summary"],
+        "selection": {n: round(s, 4) for n, s in scored.items()},
+    }
     (out / "grunet_default.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     blob = (work / chosen / "model.safetensors").read_bytes()
     step = args.split_mb * 1024 * 1024
     for i in range(0, len(blob), step):
-        (out / f"grunet_default.safetensors.part-{i // step:02d}").write_bytes(blob[i:i + step])
+        (out / f"grunet_default.safetensors.part-{i // step:02d}").write_bytes(blob[i : i + step])
     if torch.cuda.is_available():
         results["benchmark_model_only"] = _benchmark(work / chosen / "model")
     (out / "results.json").write_text(json.dumps(results, indent=1))

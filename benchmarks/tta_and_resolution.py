@@ -47,10 +47,14 @@ def validation_images(data: Path, names: tuple[str, ...] = DATASETS, limit: int 
             if round_ >= len(queue):
                 continue
             folder, spec, stem = queue[round_]
-            image_path = next(p for p in (folder / "images").iterdir()
-                              if p.stem == stem and p.suffix.lower() in IMAGE_SUFFIXES)
-            label_path = next(folder / spec.labels_dir / (stem + s) for s in (".png", ".tif", ".tiff")
-                              if (folder / spec.labels_dir / (stem + s)).exists())
+            image_path = next(
+                p for p in (folder / "images").iterdir() if p.stem == stem and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            label_path = next(
+                folder / spec.labels_dir / (stem + s)
+                for s in (".png", ".tif", ".tiff")
+                if (folder / spec.labels_dir / (stem + s)).exists()
+            )
             yield spec.name, stem, read_rgb(image_path), read_labels(label_path), spec.mpp_per_image.get(stem, spec.mpp)
 
 
@@ -101,8 +105,16 @@ def main() -> None:
         load = os.getloadavg()
         scaled = resample_image(rgb, mpp / bundle.mpp)
         probs, seconds = dihedral_passes(fast, scaled)
-        row: dict = {"dataset": dataset, "image": stem, "mpp": mpp, "shape": list(rgb.shape[:2]),
-                     "model_shape": list(scaled.shape[:2]), "pass_s": seconds, "loadavg_before": load, "modes": {}}
+        row: dict = {
+            "dataset": dataset,
+            "image": stem,
+            "mpp": mpp,
+            "shape": list(rgb.shape[:2]),
+            "model_shape": list(scaled.shape[:2]),
+            "pass_s": seconds,
+            "loadavg_before": load,
+            "modes": {},
+        }
         for mode, members in modes.items():
             prob = np.mean([probs[i] for i in members], axis=0)
             entry = {"model_s": float(sum(seconds[i] for i in members))}
@@ -117,42 +129,60 @@ def main() -> None:
         start = time.perf_counter()
         ref_prob = reference.predict(_pad16(scaled)[None])["prob"][0][: scaled.shape[0], : scaled.shape[1]]
         ref_s = time.perf_counter() - start
-        equivalence = {"fp32_nchw_s": ref_s, "fast_s": seconds[0],
-                       "prob_max_abs_diff": float(np.abs(ref_prob - probs[0]).max()),
-                       "prob_mean_abs_diff": float(np.abs(ref_prob - probs[0]).mean())}
+        equivalence = {
+            "fp32_nchw_s": ref_s,
+            "fast_s": seconds[0],
+            "prob_max_abs_diff": float(np.abs(ref_prob - probs[0]).max()),
+            "prob_mean_abs_diff": float(np.abs(ref_prob - probs[0]).mean()),
+        }
         for at in ("input", "model"):
             ref_labels, _ = label_maps({"prob": ref_prob}, rgb.shape[:2], mpp, bundle.mpp, params, at=at)
             fast_labels = row["fast_labels"][at]
             ref_scores = _scores(truth, ref_labels)
             equivalence[at] = {
                 "fg_dice_fast_vs_fp32": pixel_dice(ref_labels, fast_labels > 0),
-                "nuclei_fp32": int(ref_labels.max()), "nuclei_fast": int(fast_labels.max()),
-                "aji_fp32": ref_scores["aji"], "aji_fast": row["modes"]["none"][at]["aji"],
-                "dice_fp32": ref_scores["dice"], "dice_fast": row["modes"]["none"][at]["dice"],
+                "nuclei_fp32": int(ref_labels.max()),
+                "nuclei_fast": int(fast_labels.max()),
+                "aji_fp32": ref_scores["aji"],
+                "aji_fast": row["modes"]["none"][at]["aji"],
+                "dice_fp32": ref_scores["dice"],
+                "dice_fast": row["modes"]["none"][at]["dice"],
             }
         del row["fast_labels"]
         row["equivalence"] = equivalence
         rows.append(row)
         none, dihedral = row["modes"]["none"], row["modes"]["dihedral"]
-        print(f"{dataset:18s} {stem:26s} {rgb.shape[0]}x{rgb.shape[1]} pass {np.mean(seconds):.2f} s  "
-              f"AJI none {none['input']['aji']:.3f}/{none['model']['aji']:.3f} (input/model labels)  "
-              f"dihedral {dihedral['input']['aji']:.3f}  fp32 {equivalence['model']['aji_fp32']:.3f}  "
-              f"fg Dice fast/fp32 {equivalence['model']['fg_dice_fast_vs_fp32']:.4f}", flush=True)
+        print(
+            f"{dataset:18s} {stem:26s} {rgb.shape[0]}x{rgb.shape[1]} pass {np.mean(seconds):.2f} s  "
+            f"AJI none {none['input']['aji']:.3f}/{none['model']['aji']:.3f} (input/model labels)  "
+            f"dihedral {dihedral['input']['aji']:.3f}  fp32 {equivalence['model']['aji_fp32']:.3f}  "
+            f"fg Dice fast/fp32 {equivalence['model']['fg_dice_fast_vs_fp32']:.4f}",
+            flush=True,
+        )
 
         write_result(args.out, rows, fast, reference, params, complete=False)
     summary = write_result(args.out, rows, fast, reference, params, complete=True)
     print(json.dumps(summary, indent=2))
 
 
-def write_result(out: Path, rows: list[dict], fast: Predictor, reference: Predictor, params: PostprocessParams,
-                 complete: bool) -> dict:
+def write_result(
+    out: Path, rows: list[dict], fast: Predictor, reference: Predictor, params: PostprocessParams, complete: bool
+) -> dict:
     """Rewritten after every image, so a run stopped early keeps what it measured."""
     summary = summarise(rows)
-    result = {"command": "python benchmarks/tta_and_resolution.py " + " ".join(sys.argv[1:]),
-              "machine": {"cores_available": len(os.sched_getaffinity(0)),
-                          "note": "shared 2-core machine: other processes ran at the same time (see loadavg_before)"},
-              "fast_path": fast.describe(), "reference_path": reference.describe(), "postprocess": params.to_dict(),
-              "complete": complete, "summary": summary, "images": rows}
+    result = {
+        "command": "python benchmarks/tta_and_resolution.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cores_available": len(os.sched_getaffinity(0)),
+            "note": "shared 2-core machine: other processes ran at the same time (see loadavg_before)",
+        },
+        "fast_path": fast.describe(),
+        "reference_path": reference.describe(),
+        "postprocess": params.to_dict(),
+        "complete": complete,
+        "summary": summary,
+        "images": rows,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     tmp.write_text(json.dumps(result, indent=2))
@@ -181,8 +211,9 @@ def summarise(rows: list[dict]) -> dict:
                 "fg_dice_mean": float(np.mean([e["fg_dice_fast_vs_fp32"] for e in eq])),
                 "fg_dice_min": float(np.min([e["fg_dice_fast_vs_fp32"] for e in eq])),
                 "nuclei_abs_diff_mean": float(np.mean([abs(e["nuclei_fast"] - e["nuclei_fp32"]) for e in eq])),
-                "nuclei_rel_diff_total": float(sum(e["nuclei_fast"] - e["nuclei_fp32"] for e in eq)
-                                               / max(1, sum(e["nuclei_fp32"] for e in eq))),
+                "nuclei_rel_diff_total": float(
+                    sum(e["nuclei_fast"] - e["nuclei_fp32"] for e in eq) / max(1, sum(e["nuclei_fp32"] for e in eq))
+                ),
                 "aji_fp32": float(np.mean([e["aji_fp32"] for e in eq])),
                 "aji_fast": float(np.mean([e["aji_fast"] for e in eq])),
             }

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_grunet.config import load_train_config
 from wsi_grunet.model.checkpoint import checkpoint_paths, packaged_weights, resolve_weights
 from wsi_grunet.model.predictor import Predictor
 from wsi_grunet.segment import predict_tiled
-from wsi_grunet.config import load_train_config
 from wsi_grunet.train.loop import load_training_data
 from wsi_grunet.train.tune import ValidationItem, tune_postprocess
 
@@ -53,14 +53,23 @@ def main() -> None:
     args = parser.parse_args()
     mpp, items = validation_items(args.weights, args.data, Path(args.cache))
     with_distance = items[0].distance is not None
-    second = ([{"marker_threshold": m} for m in (0.3, 0.4, 0.5, 0.6)] if with_distance else
-              [{"marker_min_distance_um": d} for d in (0.75, 1.0, 1.5, 2.0)])
-    grid = [{"threshold": t, "min_area_um2": a, **s}
-            for t, a, s in itertools.product((0.5, 0.6, 0.7, 0.8), (1.0, 2.0, 4.0), second)]
+    second = (
+        [{"marker_threshold": m} for m in (0.3, 0.4, 0.5, 0.6)]
+        if with_distance
+        else [{"marker_min_distance_um": d} for d in (0.75, 1.0, 1.5, 2.0)]
+    )
+    grid = [
+        {"threshold": t, "min_area_um2": a, **s}
+        for t, a, s in itertools.product((0.5, 0.6, 0.7, 0.8), (1.0, 2.0, 4.0), second)
+    ]
     tuned = tune_postprocess(items, mpp, grid, workers=args.workers)
     best = tuned["best"]
     for row in sorted(tuned["grid"], key=lambda r: -r["summary"]["objective"]["aji"])[:5]:
-        print(json.dumps(row["params"]), round(row["summary"]["objective"]["aji"], 4), round(row["summary"]["objective"]["pq"], 4))
+        print(
+            json.dumps(row["params"]),
+            round(row["summary"]["objective"]["aji"], 4),
+            round(row["summary"]["objective"]["pq"], 4),
+        )
     print(json.dumps({"best": best["params"], "summary": best["summary"]}, indent=1))
     if args.write:
         _, json_path = checkpoint_paths(args.weights or packaged_weights())

@@ -28,8 +28,12 @@ from wsi_grunet.postprocess import PostprocessParams
 
 SMALL = dict(base_filters=4, attention_width=8)
 META = {
-    "mpp": 0.5, "patch_size": 256, "threshold": 0.45, "trained": True,
-    "postprocess": {"threshold": 0.45, "min_area_um2": 6.0}, "training": {"data": ["synthetic"], "step": 12},
+    "mpp": 0.5,
+    "patch_size": 256,
+    "threshold": 0.45,
+    "trained": True,
+    "postprocess": {"threshold": 0.45, "min_area_um2": 6.0},
+    "training": {"data": ["synthetic"], "step": 12},
 }
 
 
@@ -189,8 +193,18 @@ def test_json_with_missing_keys(saved, key):
         {"architecture": {"name": "grunet", "base_filters": "four", "attention_width": 8}},
         {"architecture": {"name": "grunet", "base_filters": 4, "attention_width": 8, "gate_mode": "max"}},
     ],
-    ids=["newer-version", "version-string", "mpp-text", "mpp-zero", "threshold-null", "arch-string",
-         "arch-unknown", "arch-extra-key", "arch-bad-width", "arch-bad-mode"],
+    ids=[
+        "newer-version",
+        "version-string",
+        "mpp-text",
+        "mpp-zero",
+        "threshold-null",
+        "arch-string",
+        "arch-unknown",
+        "arch-extra-key",
+        "arch-bad-width",
+        "arch-bad-mode",
+    ],
 )
 def test_json_with_bad_values(saved, change):
     tensor_path, _ = saved
@@ -291,7 +305,9 @@ def test_packaged_weights_load_and_describe_themselves(packaged):
     params = PostprocessParams.from_dict(bundle.metadata["postprocess"])
     assert params.threshold == bundle.threshold
     assert bundle.metadata["sha256"] == sha256(path) == bundle.sha256
-    assert bundle.model.config == GRUNetConfig(**{k: v for k, v in bundle.metadata["architecture"].items() if k != "name"})
+    assert bundle.model.config == GRUNetConfig(
+        **{k: v for k, v in bundle.metadata["architecture"].items() if k != "name"}
+    )
     assert "UNTRAINED" not in bundle.status_line
     assert bundle.metadata["training"]["data"]  # the training data are recorded
 

@@ -37,8 +37,25 @@ def test_segment_round_trip_at_another_mpp(tiny_checkpoint, tmp_path):
     rgb, _ = synthetic_rgb(300, 220, mpp=0.25, seed=1)
     Image.fromarray(rgb).save(images / "a.png")
     out = tmp_path / "labels"
-    assert main(["segment", str(images), "--out", str(out), "--mpp", "0.25", "--weights", str(tiny_checkpoint),
-                 "--device", "cpu", "--save-probability", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(images),
+                "--out",
+                str(out),
+                "--mpp",
+                "0.25",
+                "--weights",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--save-probability",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     labels = np.asarray(Image.open(out / "a.png"))
     assert labels.shape == (220, 300) and labels.dtype == np.uint16
     assert np.asarray(Image.open(out / "a_prob.png")).shape == (220, 300)
@@ -56,8 +73,18 @@ def test_segment_honours_the_tiling_settings(tiny_checkpoint, tmp_path):
     images.mkdir()
     rgb, _ = synthetic_rgb(200, 160, mpp=0.5, seed=3)
     Image.fromarray(rgb).save(images / "a.png")
-    common = ["--mpp", "0.5", "--weights", str(tiny_checkpoint), "--device", "cpu", "--save-probability", "--quiet",
-              "--set", "model.amp=fp32"]
+    common = [
+        "--mpp",
+        "0.5",
+        "--weights",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--save-probability",
+        "--quiet",
+        "--set",
+        "model.amp=fp32",
+    ]
     assert main(["segment", str(images), "--out", str(tmp_path / "one"), *common]) == 0  # one 1152-pixel tile
     small = ["tiling.tile_size=64", "tiling.halo=16", "output.chunk=32"]
     assert main(["segment", str(images), "--out", str(tmp_path / "tiled"), *common, *small]) == 0
@@ -69,8 +96,9 @@ def test_segment_honours_the_tiling_settings(tiny_checkpoint, tmp_path):
         return np.asarray(Image.open(tmp_path / folder / "a_prob.png")).astype(np.int16)
 
     bundle = load_checkpoint(tiny_checkpoint)
-    _, expected = segment_image(Predictor(bundle, "cpu", amp="fp32"), rgb, 0.5, PostprocessParams(), tile_size=64,
-                                halo=16)
+    _, expected = segment_image(
+        Predictor(bundle, "cpu", amp="fp32"), rgb, 0.5, PostprocessParams(), tile_size=64, halo=16
+    )
     assert np.abs(prob("tiled") - np.round(expected * 255)).max() <= 1
     assert np.array_equal(prob("tiled"), prob("file"))
     # a 16-pixel halo is far narrower than the model's receptive field: tiles of 64 px change the maps
@@ -95,10 +123,27 @@ def test_evaluate_command_writes_json(tmp_path):
     # --config and --set are accepted (and checked) by evaluate too
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  device: cpu\n")
-    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--config", str(config),
-                 "--set", "model.amp=fp32", "--quiet"]) == 0
-    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--set", "model.amp=fp33",
-                 "--quiet"]) == EXIT_USAGE
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(pred),
+                "--truth",
+                str(truth),
+                "--config",
+                str(config),
+                "--set",
+                "model.amp=fp32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--set", "model.amp=fp33", "--quiet"])
+        == EXIT_USAGE
+    )
 
 
 def test_info_prints_levels(shared_dir, capsys):
@@ -129,24 +174,50 @@ def test_run_with_bad_config_exits_with_usage_code(slide, tmp_path, caplog):
 
 def test_run_with_amp_fp32_runs_and_records_it(slide, tiny_checkpoint, tmp_path):
     out = tmp_path / "o"
-    assert main(["run", str(slide), "--out", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu",
-                 "--workers", "1", "--quiet", "--set", "model.amp=fp32", "model.tta=none", "tiling.tile_size=256",
-                 "output.chunk=128"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(slide),
+                "--out",
+                str(out),
+                "--weights",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--quiet",
+                "--set",
+                "model.amp=fp32",
+                "model.tta=none",
+                "tiling.tile_size=256",
+                "output.chunk=128",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "s" / "report.json").read_text())
     assert report["config"]["model"]["amp"] == "fp32"
     assert report["config"]["tiling"] == {"tile_size": 256, "halo": 64}
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--device", "gpu"], "model.device: 'gpu' is not a device; allowed: auto, cpu, cuda or cuda:N"),
-    (["--set", "cluster.workers=0"], "cluster.workers: 0 is out of range; allowed: an integer >= 1"),
-    (["--workers", "0"], "cluster.workers: 0 is out of range; allowed: an integer >= 1 (set on the command line)"),
-    (["--set", "output.chunk=0"], "output.chunk: 0 is out of range; allowed: an integer >= 16 and a multiple of 16"),
-    (["--set", "model.amp=fp33"], "model.amp: 'fp33' is not one of auto, bf16, fp16, fp32"),
-    (["--tile-size", "512"], "output.chunk: 256 does not divide the tile core 384"),
-    (["--set", "slurm.jobs_max=0"], "slurm.jobs_max: 0 is out of range"),
-    (["--set", "model.amp"], "--set 'model.amp' must look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "gpu"], "model.device: 'gpu' is not a device; allowed: auto, cpu, cuda or cuda:N"),
+        (["--set", "cluster.workers=0"], "cluster.workers: 0 is out of range; allowed: an integer >= 1"),
+        (["--workers", "0"], "cluster.workers: 0 is out of range; allowed: an integer >= 1 (set on the command line)"),
+        (
+            ["--set", "output.chunk=0"],
+            "output.chunk: 0 is out of range; allowed: an integer >= 16 and a multiple of 16",
+        ),
+        (["--set", "model.amp=fp33"], "model.amp: 'fp33' is not one of auto, bf16, fp16, fp32"),
+        (["--tile-size", "512"], "output.chunk: 256 does not divide the tile core 384"),
+        (["--set", "slurm.jobs_max=0"], "slurm.jobs_max: 0 is out of range"),
+        (["--set", "model.amp"], "--set 'model.amp' must look like section.key=value"),
+    ],
+)
 def test_run_rejects_bad_settings_before_touching_slides(args, message, tmp_path, caplog):
     missing = tmp_path / "no-such-slide.svs"  # never looked at: the settings are checked first
     out = tmp_path / "o"
@@ -198,11 +269,15 @@ def test_installed_command_prints_no_traceback(tmp_path):
     config.write_text("model:\n  amp: off\n")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for args, message in [
-        (["run", str(tmp_path / "x.svs"), "--out", str(tmp_path / "o"), "--config", str(config)],
-         f"model.amp: 'off' is not one of auto, bf16, fp16, fp32 (set in {config})"),
+        (
+            ["run", str(tmp_path / "x.svs"), "--out", str(tmp_path / "o"), "--config", str(config)],
+            f"model.amp: 'off' is not one of auto, bf16, fp16, fp32 (set in {config})",
+        ),
         (["info", str(tmp_path / "x.svs"), "--set", "model.device=gpu"], "model.device: 'gpu' is not a device"),
-        (["segment", str(tmp_path), "--out", str(tmp_path / "o"), "--mpp", "0.5", "--device", "cuda:7"],
-         "model.device: 'cuda:7'"),
+        (
+            ["segment", str(tmp_path), "--out", str(tmp_path / "o"), "--mpp", "0.5", "--device", "cuda:7"],
+            "model.device: 'cuda:7'",
+        ),
     ]:
         done = subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == EXIT_USAGE, done.stderr

@@ -15,7 +15,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
-from synthetic import write_rgb_image
 
 from wsi_grunet.errors import SlideOpenError
 from wsi_grunet.geometry import Box
@@ -28,6 +27,8 @@ from wsi_grunet.slide.discovery import (
     strip_slide_suffix,
 )
 from wsi_grunet.slide.reader import SlideReader
+
+from synthetic import write_rgb_image
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
@@ -71,9 +72,17 @@ def _names(entries: list[SlideEntry]) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "filename,stem",
-    [("x.svs", "x"), ("x.v2.svs", "x.v2"), ("x.ome.tiff", "x"), ("x.OME.TIF", "x"), ("x.tiff", "x"),
-     ("1.2.826.0.1.3680043.8.498.1.dcm", "1.2.826.0.1.3680043.8.498.1"), ("noext", "noext"),
-     (".ome.tiff", ".ome"), ("x.ome", "x")],
+    [
+        ("x.svs", "x"),
+        ("x.v2.svs", "x.v2"),
+        ("x.ome.tiff", "x"),
+        ("x.OME.TIF", "x"),
+        ("x.tiff", "x"),
+        ("1.2.826.0.1.3680043.8.498.1.dcm", "1.2.826.0.1.3680043.8.498.1"),
+        ("noext", "noext"),
+        (".ome.tiff", ".ome"),
+        ("x.ome", "x"),
+    ],
 )
 def test_strip_slide_suffix(filename, stem):
     assert strip_slide_suffix(filename) == stem
@@ -99,8 +108,19 @@ def test_output_names_case_and_folder_clashes():
 
 
 @pytest.mark.parametrize(
-    "name,ok", [("a/x", True), ("x.v2", True), ("", False), ("../x", False), ("a/../x", False), (".x", False),
-                ("a/.x", False), ("/abs", False), ("a//x", False), ("a\\x", False)],
+    "name,ok",
+    [
+        ("a/x", True),
+        ("x.v2", True),
+        ("", False),
+        ("../x", False),
+        ("a/../x", False),
+        (".x", False),
+        ("a/.x", False),
+        ("/abs", False),
+        ("a//x", False),
+        ("a\\x", False),
+    ],
 )
 def test_name_problem(name, ok):
     assert (name_problem(name) is None) == ok
@@ -113,11 +133,14 @@ def test_name_problem(name, ok):
 
 def test_same_stem_in_different_folders_gets_distinct_names(tmp_path):
     root = tmp_path / "slides"
-    paths = {name: _small_slide(root / name, 100 + k) for k, name in
-             enumerate(["a/x.svs", "b/x.svs", "x.svs", "x.v2.svs"])}
+    paths = {
+        name: _small_slide(root / name, 100 + k) for k, name in enumerate(["a/x.svs", "b/x.svs", "x.svs", "x.v2.svs"])
+    }
     entries = find_slides([root])
     assert [(e.name, e.path, e.root) for e in entries] == [
-        ("a/x", paths["a/x.svs"], root), ("b/x", paths["b/x.svs"], root), ("x", paths["x.svs"], root),
+        ("a/x", paths["a/x.svs"], root),
+        ("b/x", paths["b/x.svs"], root),
+        ("x", paths["x.svs"], root),
         ("x.v2", paths["x.v2.svs"], root),
     ]
     # each name leads to its own slide's pixels
@@ -132,7 +155,8 @@ def test_file_arguments_root_at_their_folder_and_collide_with_hashes(tmp_path):
     second = _small_slide(tmp_path / "b" / "x.svs", 20)
     entries = find_slides([first, second])
     assert [(e.path, e.name, e.root) for e in entries] == [
-        (first, f"x-{_sha8(first)}", first.parent), (second, f"x-{_sha8(second)}", second.parent)
+        (first, f"x-{_sha8(first)}", first.parent),
+        (second, f"x-{_sha8(second)}", second.parent),
     ]
     assert find_slides([second, first]) == entries  # same names whatever the argument order
     assert [e.name for e in find_slides([first])] == ["x"]  # alone, no hash is needed
@@ -160,7 +184,10 @@ def test_folder_search_filters_and_hides(tmp_path):
     explicit = tmp_path / "notes.txt"
     found = find_slides([tmp_path, explicit, tmp_path / "b.svs"])
     assert [(e.path.relative_to(tmp_path).as_posix(), e.name) for e in found] == [
-        ("a.TIF", "a"), ("b.svs", "b"), ("notes.txt", "notes"), ("sub/c.ndpi", "sub/c"),
+        ("a.TIF", "a"),
+        ("b.svs", "b"),
+        ("notes.txt", "notes"),
+        ("sub/c.ndpi", "sub/c"),
         ("sub/deeper/d.mrxs", "sub/deeper/d"),
     ]
     with pytest.raises(SlideOpenError, match="no such file"):
@@ -181,8 +208,10 @@ def test_a_name_that_cannot_be_an_output_folder_is_refused(tmp_path):
 def test_dicom_series_is_one_slide_named_by_its_folder(tmp_path):
     series = "1.2.826.0.1.3680043.8.498.10"
     folder = tmp_path / "cases" / "patient 1" / "scan"
-    files = [_dicom(folder / f"1.2.826.0.1.3680043.8.498.{k}.dcm", series, f"1.2.826.0.1.3680043.8.498.{k}")
-             for k in (11, 12, 13)]
+    files = [
+        _dicom(folder / f"1.2.826.0.1.3680043.8.498.{k}.dcm", series, f"1.2.826.0.1.3680043.8.498.{k}")
+        for k in (11, 12, 13)
+    ]
     assert dicom_series_uid(files[0]) == series
     entries = find_slides([tmp_path])
     assert [(e.name, e.path) for e in entries] == [("cases/patient 1/scan", files[0])]

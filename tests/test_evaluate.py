@@ -285,9 +285,9 @@ def test_evaluate_images_scores_at_the_images_resolution(tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from synthetic import synthetic_rgb
-
     from wsi_grunet.cli import main
+
+    from synthetic import synthetic_rgb
 
     images, truth_dir = tmp_path / "images", tmp_path / "truth"
     images.mkdir()
@@ -300,8 +300,25 @@ def test_evaluate_images_scores_at_the_images_resolution(tmp_path):
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
     _png16(truth_dir / "discs.png", labels)
     out = tmp_path / "metrics.json"
-    assert main(["evaluate", "--images", str(images), "--truth", str(truth_dir), "--mpp", "0.25",
-                 "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--images",
+                str(images),
+                "--truth",
+                str(truth_dir),
+                "--mpp",
+                "0.25",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     agg = json.loads(out.read_text())["aggregate"]
     assert agg["n_true"] == agg["n_pred"] == len(truth["radii"]) >= 5
     assert agg["tp"] == agg["n_true"]

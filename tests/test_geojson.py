@@ -15,10 +15,11 @@ import pytest
 from shapely.geometry import shape
 from skimage.draw import disk
 
-from qupath_contract import check_qupath_feature_collection
 from wsi_grunet.errors import OutputError
 from wsi_grunet.outputs.geojson import QuPathGeoJsonWriter
 from wsi_grunet.outputs.polygons import MEASUREMENTS, nuclei_records
+
+from qupath_contract import check_qupath_feature_collection
 
 
 @pytest.fixture(scope="module")

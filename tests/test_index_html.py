@@ -221,9 +221,9 @@ def test_page_in_headless_chromium(run_folder, tmp_path):
 
 def test_cohort_run_writes_only_the_chosen_outputs_and_the_index(tmp_path):
     """A real run (null model, real OpenSlide and Dask) with --outputs geojson,preview and one broken file."""
-    from synthetic import write_synthetic_slide
-
     from wsi_grunet.cli import main
+
+    from synthetic import write_synthetic_slide
 
     slides = tmp_path / "slides"
     slides.mkdir()

@@ -78,8 +78,13 @@ def test_full_width_gdam_breakdown(full_model):
 
 @pytest.mark.parametrize(
     "filters, chain, out",
-    [(32, (8, 17, 26), 51), (64, (17, 35, 53), 105), (128, (35, 71, 106), 212), (256, (71, 142, 213), 426),
-     (512, (142, 284, 427), 853)],
+    [
+        (32, (8, 17, 26), 51),
+        (64, (17, 35, 53), 105),
+        (128, (35, 71, 106), 212),
+        (256, (71, 142, 213), 426),
+        (512, (142, 284, 427), 853),
+    ],
 )
 def test_multires_widths_table(filters, chain, out):
     assert multires_widths(filters, 1.67) == chain

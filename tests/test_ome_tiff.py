@@ -11,13 +11,14 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
-from synthetic import synthetic_rgb
 
 from wsi_grunet.cli import main
 from wsi_grunet.errors import MissingMppError, SlideOpenError, SlideReadError
 from wsi_grunet.geometry import Box
 from wsi_grunet.slide.metadata import ome_pixel_size, ome_pixels
 from wsi_grunet.slide.reader import SlideReader, describe, inspect_slide
+
+from synthetic import synthetic_rgb
 
 WIDTH, HEIGHT, MPP = 1200, 900, 0.25
 TILE = 256
@@ -34,8 +35,15 @@ def _pyramid(rgb: np.ndarray, levels: int) -> list[np.ndarray]:
     return out
 
 
-def write_ome(path: Path, levels: list[np.ndarray], compression: str | None, mpp: float | None = MPP,
-              unit: str = "µm", ome: bool = True, resolution_mpp: float | None = None) -> Path:
+def write_ome(
+    path: Path,
+    levels: list[np.ndarray],
+    compression: str | None,
+    mpp: float | None = MPP,
+    unit: str = "µm",
+    ome: bool = True,
+    resolution_mpp: float | None = None,
+) -> Path:
     """Tiled pyramid: level 0 with the others in its SubIFDs; pixel size in the OME-XML (``ome``) or
     as TIFF resolution tags (``resolution_mpp``)."""
     rgb = levels[0].ndim == 3 and levels[0].shape[2] in (3, 4)
@@ -54,22 +62,37 @@ def write_ome(path: Path, levels: list[np.ndarray], compression: str | None, mpp
             if resolution_mpp is not None:
                 per_cm = 1e4 / (resolution_mpp * 2**index)
                 resolution = (per_cm, per_cm)
-            writer.write(level, subifds=len(levels) - 1 if index == 0 else None,
-                         subfiletype=1 if index else 0, metadata=metadata if (index == 0 and ome) else None,
-                         resolution=resolution, resolutionunit="CENTIMETER" if resolution else None, **options)
+            writer.write(
+                level,
+                subifds=len(levels) - 1 if index == 0 else None,
+                subfiletype=1 if index else 0,
+                metadata=metadata if (index == 0 and ome) else None,
+                resolution=resolution,
+                resolutionunit="CENTIMETER" if resolution else None,
+                **options,
+            )
     return path
 
 
 def write_svs(path: Path, levels: list[np.ndarray], compression: str | None, mpp: float = MPP) -> Path:
     """The same pyramid as an Aperio-style SVS (one page per level), which OpenSlide reads with its pixel size."""
     height, width = levels[0].shape[:2]
-    description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) "
-                   f"JPEG/RGB Q=90|AppMag = 40|MPP = {mpp:.6g}")
+    description = (
+        f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) "
+        f"JPEG/RGB Q=90|AppMag = 40|MPP = {mpp:.6g}"
+    )
     options = {"compressionargs": {"level": 90}} if compression == "jpeg" else {}
     with tifffile.TiffWriter(path) as writer:
         for index, level in enumerate(levels):
-            writer.write(level, tile=(TILE, TILE), photometric="rgb", compression=compression,
-                         description=description if index == 0 else None, metadata=None, **options)
+            writer.write(
+                level,
+                tile=(TILE, TILE),
+                photometric="rgb",
+                compression=compression,
+                description=description if index == 0 else None,
+                metadata=None,
+                **options,
+            )
     return path
 
 
@@ -111,8 +134,15 @@ def test_levels_downsamples_and_pixel_size(pair):
 
 
 @pytest.mark.parametrize(
-    "value,unit,um", [(250.0, "nm", 0.25), (0.00025, "mm", 0.25), (0.000025, "cm", 0.25), (0.5, "µm", 0.5),
-                      (0.5, None, 0.5), (0.5, "parsec", None)],
+    "value,unit,um",
+    [
+        (250.0, "nm", 0.25),
+        (0.00025, "mm", 0.25),
+        (0.000025, "cm", 0.25),
+        (0.5, "µm", 0.5),
+        (0.5, None, 0.5),
+        (0.5, "parsec", None),
+    ],
 )
 def test_ome_units_convert_to_micrometres(value, unit, um):
     attrs = {"PhysicalSizeX": str(value), "PhysicalSizeY": str(value)}
@@ -123,9 +153,11 @@ def test_ome_units_convert_to_micrometres(value, unit, um):
 
 
 def test_ome_pixels_reads_each_image():
-    xml = ('<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels '
-           'SizeX="10" SizeY="5" PhysicalSizeX="0.5" PhysicalSizeXUnit="nm"/></Image><Image ID="Image:1">'
-           '<Pixels SizeX="3" SizeY="2"/></Image></OME>')
+    xml = (
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels '
+        'SizeX="10" SizeY="5" PhysicalSizeX="0.5" PhysicalSizeXUnit="nm"/></Image><Image ID="Image:1">'
+        '<Pixels SizeX="3" SizeY="2"/></Image></OME>'
+    )
     assert [p["SizeX"] for p in ome_pixels(xml)] == ["10", "3"]
     assert ome_pixels("<not xml") == []
 
@@ -213,9 +245,16 @@ def test_planar_rgb_is_read(tmp_path, pixels):
     path = tmp_path / "planar.ome.tiff"
     with tifffile.TiffWriter(path, ome=True) as writer:
         for index, level in enumerate(planar):
-            writer.write(level, tile=(TILE, TILE), photometric="rgb", planarconfig="separate", compression="zlib",
-                         subifds=1 if index == 0 else None, subfiletype=1 if index else 0,
-                         metadata={"axes": "SYX", "PhysicalSizeX": MPP, "PhysicalSizeY": MPP} if index == 0 else None)
+            writer.write(
+                level,
+                tile=(TILE, TILE),
+                photometric="rgb",
+                planarconfig="separate",
+                compression="zlib",
+                subifds=1 if index == 0 else None,
+                subfiletype=1 if index else 0,
+                metadata={"axes": "SYX", "PhysicalSizeX": MPP, "PhysicalSizeY": MPP} if index == 0 else None,
+            )
     with SlideReader(path, 0.5) as reader:
         assert reader.backend == "tifffile" and reader.level == 1
         np.testing.assert_array_equal(reader.read(Box(5, 7, 205, 307)), pixels[1][5:205, 7:307])
@@ -250,8 +289,16 @@ def test_subifd_pyramid_without_ome_uses_tiff_resolution(tmp_path, pixels):
 
 def test_a_tiff_openslide_declines_is_read_by_tifffile(tmp_path, pixels):
     path = tmp_path / "png-tiles.tiff"
-    tifffile.imwrite(path, pixels[0], tile=(TILE, TILE), photometric="rgb", compression="png",
-                     resolution=(4e4, 4e4), resolutionunit="CENTIMETER", metadata=None)
+    tifffile.imwrite(
+        path,
+        pixels[0],
+        tile=(TILE, TILE),
+        photometric="rgb",
+        compression="png",
+        resolution=(4e4, 4e4),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     with pytest.raises(openslide.OpenSlideError, match="Unsupported TIFF compression"):
         openslide.OpenSlide(str(path))
     with SlideReader(path, 0.25) as reader:

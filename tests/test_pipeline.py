@@ -11,23 +11,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from PIL import Image
 from distributed import Client, LocalCluster
-from qupath_contract import check_qupath_feature_collection
-from synthetic import synthetic_rgb, write_synthetic_slide
+from PIL import Image
 
 from wsi_grunet.cli import main
 from wsi_grunet.config import load_config
-from wsi_grunet.model.checkpoint import load_checkpoint
-from wsi_grunet.model.predictor import Predictor, predict_image
+from wsi_grunet.geometry import Box
 from wsi_grunet.inference import DriverBackend, TileRun, WorkerBackend, make_predictor, read_tile, tile_maps
+from wsi_grunet.model.checkpoint import load_checkpoint, packaged_weights
+from wsi_grunet.model.predictor import Predictor, predict_image
 from wsi_grunet.pipeline import finish_slide, postprocess_params, prepare_slide, run_slide
-from wsi_grunet.tile_work import process_tile
 from wsi_grunet.postprocess import label_nuclei
 from wsi_grunet.slide.reader import SlideReader
-from wsi_grunet.geometry import Box
+from wsi_grunet.tile_work import process_tile
 
-from wsi_grunet.model.checkpoint import packaged_weights
+from qupath_contract import check_qupath_feature_collection
+from synthetic import write_synthetic_slide
 
 MPP = 0.5
 
@@ -50,15 +49,23 @@ def disc_checkpoint() -> Path:
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
 def _cfg(checkpoint: Path, tile: int, halo: int, amp: str = "fp32", **extra):
     """fp32 by default: the border contract is exact arithmetic's; bf16 adds its own rounding noise."""
-    overrides = [{"model": {"weights": str(checkpoint), "device": "cpu", "amp": amp, "tta": "none"},
-                  "tiling": {"tile_size": tile, "halo": halo}, "output": {"chunk": 64, "pyramid_levels": 3}, **extra}]
+    overrides = [
+        {
+            "model": {"weights": str(checkpoint), "device": "cpu", "amp": amp, "tta": "none"},
+            "tiling": {"tile_size": tile, "halo": halo},
+            "output": {"chunk": 64, "pyramid_levels": 3},
+            **extra,
+        }
+    ]
     return load_config(None, overrides)
 
 
@@ -105,9 +112,29 @@ def test_run_end_to_end_outputs(disc_checkpoint, tmp_path):
     slide = tmp_path / "tissue.svs"
     truth = write_synthetic_slide(slide, 900, 700, mpp=0.25, levels=3, seed=3)
     out = tmp_path / "results"
-    code = main(["run", str(slide), "--out", str(out), "--weights", str(disc_checkpoint), "--device", "cpu",
-                 "--workers", "1", "--tile-size", "256", "--halo", "64", "--quiet", "--set", "output.chunk=64",
-                 "tissue.thumbnail_mpp=2", "tissue.min_region_um2=500"])
+    code = main(
+        [
+            "run",
+            str(slide),
+            "--out",
+            str(out),
+            "--weights",
+            str(disc_checkpoint),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--tile-size",
+            "256",
+            "--halo",
+            "64",
+            "--quiet",
+            "--set",
+            "output.chunk=64",
+            "tissue.thumbnail_mpp=2",
+            "tissue.min_region_um2=500",
+        ]
+    )
     assert code == 0
     folder = out / "tissue"
     report = json.loads((folder / "report.json").read_text())
@@ -145,8 +172,24 @@ def test_run_end_to_end_outputs(disc_checkpoint, tmp_path):
     assert max(pixels.shape[:2]) <= 2048 and np.ptp(pixels) > 50, "the preview should show the slide, not one colour"
     assert not list(out.glob(".*partial*")), "temporary folders were left behind"
     # A second run skips the finished slide.
-    assert main(["run", str(slide), "--out", str(out), "--weights", str(disc_checkpoint), "--device", "cpu",
-                 "--workers", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(slide),
+                "--out",
+                str(out),
+                "--weights",
+                str(disc_checkpoint),
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
 def test_bad_inputs_do_not_stop_the_cohort(tiny_checkpoint, shared_dir, tmp_path, capsys):
@@ -154,14 +197,37 @@ def test_bad_inputs_do_not_stop_the_cohort(tiny_checkpoint, shared_dir, tmp_path
     blank = tmp_path / "slides" / "blank.svs"
     blank.parent.mkdir()
     write_synthetic_slide(blank, 512, 512, mpp=MPP, levels=1, blank=True)
-    code = main(["run", str(shared_dir / "slides" / "fixtures"), str(blank), "--out", str(out), "--weights",
-                 str(tiny_checkpoint), "--device", "cpu", "--workers", "1", "--tile-size", "256", "--halo", "64", "--quiet",
-                 "--set", "output.chunk=64"])
+    code = main(
+        [
+            "run",
+            str(shared_dir / "slides" / "fixtures"),
+            str(blank),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--tile-size",
+            "256",
+            "--halo",
+            "64",
+            "--quiet",
+            "--set",
+            "output.chunk=64",
+        ]
+    )
     assert code == 1
     summary = json.loads((out / "run_summary.json").read_text())
     status = {Path(s["slide"]).name: s for s in summary["slides"]}
-    for name, words in {"broken.svs": "not a slide", "unopenable.tiff": "unsupported",
-                        "unreadable.svs": "cannot read", "boxes.tiff": "microns-per-pixel"}.items():
+    for name, words in {
+        "broken.svs": "not a slide",
+        "unopenable.tiff": "unsupported",
+        "unreadable.svs": "cannot read",
+        "boxes.tiff": "microns-per-pixel",
+    }.items():
         assert status[name]["status"] == "failed" and words in status[name]["error"] and name in status[name]["error"]
         assert not (out / name.split(".")[0]).exists(), f"{name}: a failed slide left an output folder"
     assert status["blank.svs"]["status"] == "ok" and status["blank.svs"]["nuclei"] == 0
@@ -179,8 +245,24 @@ def test_unwritable_output_folder(tiny_checkpoint, tmp_path, caplog):
     parent = tmp_path / "plain-file"
     parent.write_text("not a folder")
     out = parent / "r"
-    assert main(["run", str(slide), "--out", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu",
-                 "--workers", "1", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                str(slide),
+                "--out",
+                str(out),
+                "--weights",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert str(out) in caplog.text
     assert parent.read_text() == "not a folder"
 
@@ -190,16 +272,50 @@ def test_output_path_is_a_file(tiny_checkpoint, tmp_path, caplog):
     write_synthetic_slide(slide, 256, 256, mpp=MPP, levels=1)
     blocker = tmp_path / "results"
     blocker.write_text("not a folder")
-    assert main(["run", str(slide), "--out", str(blocker), "--weights", str(tiny_checkpoint), "--device", "cpu",
-                 "--workers", "1", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                str(slide),
+                "--out",
+                str(blocker),
+                "--weights",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert "not writable" in caplog.text and str(blocker) in caplog.text
 
 
 def test_cmu_slide_with_small_model(tiny_checkpoint, shared_dir, tmp_path):
     out = tmp_path / "cmu"
-    code = main(["run", str(shared_dir / "slides" / "CMU-1-Small-Region.svs"), "--out", str(out), "--weights",
-                 str(tiny_checkpoint), "--device", "cpu", "--workers", "1", "--tile-size", "512", "--halo", "64", "--quiet",
-                 "--set", "output.chunk=128"])
+    code = main(
+        [
+            "run",
+            str(shared_dir / "slides" / "CMU-1-Small-Region.svs"),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--tile-size",
+            "512",
+            "--halo",
+            "64",
+            "--quiet",
+            "--set",
+            "output.chunk=128",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "CMU-1-Small-Region" / "report.json").read_text())
     assert report["slide"]["mpp_used"] == pytest.approx(0.499, abs=1e-3)
@@ -214,9 +330,30 @@ def test_failure_mid_slide_leaves_no_result(tiny_checkpoint, tmp_path):
     write_synthetic_slide(slide, 512, 512, mpp=MPP, levels=1)
     out = tmp_path / "results"
     # Threshold 0 makes the whole tile one object: far larger than the halo.
-    code = main(["run", str(slide), "--out", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu",
-                 "--workers", "1", "--tile-size", "256", "--halo", "32", "--no-tissue-detection", "--quiet",
-                 "--set", "postprocess.threshold=0.0", "postprocess.min_area_um2=0.0", "output.chunk=64"])
+    code = main(
+        [
+            "run",
+            str(slide),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--tile-size",
+            "256",
+            "--halo",
+            "32",
+            "--no-tissue-detection",
+            "--quiet",
+            "--set",
+            "postprocess.threshold=0.0",
+            "postprocess.min_area_um2=0.0",
+            "output.chunk=64",
+        ]
+    )
     assert code == 1
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["failed"] == 1 and "halo" in summary["slides"][0]["error"]
@@ -228,8 +365,12 @@ def test_failure_mid_slide_leaves_no_result(tiny_checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def gpu_client():
     """Workers that advertise the GPU resource (the model runs on them, here on their CPU)."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      resources={"GPU": 1}) as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", resources={"GPU": 1}
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -250,10 +391,26 @@ def test_worker_backend_equals_driver_backend(disc_checkpoint, client, gpu_clien
     bundle = load_checkpoint(disc_checkpoint)
     for tile, halo in ((256, 64), (384, 96)):
         cfg = _cfg(disc_checkpoint, tile, halo)
-        driver = run_slide(slide, "discs", tmp_path / f"driver{tile}", cfg, bundle,
-                           DriverBackend(client, make_predictor(bundle, cfg.model), cfg), client, progress=False)
-        workers = run_slide(slide, "discs", tmp_path / f"workers{tile}", cfg, bundle,
-                            WorkerBackend(gpu_client, bundle, cfg), gpu_client, progress=False)
+        driver = run_slide(
+            slide,
+            "discs",
+            tmp_path / f"driver{tile}",
+            cfg,
+            bundle,
+            DriverBackend(client, make_predictor(bundle, cfg.model), cfg),
+            client,
+            progress=False,
+        )
+        workers = run_slide(
+            slide,
+            "discs",
+            tmp_path / f"workers{tile}",
+            cfg,
+            bundle,
+            WorkerBackend(gpu_client, bundle, cfg),
+            gpu_client,
+            progress=False,
+        )
         assert driver.status == workers.status == "ok" and driver.nuclei == workers.nuclei > 10
         report = json.loads((tmp_path / f"workers{tile}" / "discs" / "report.json").read_text())
         assert report["model"]["inference"]["backend"] == "workers"
@@ -309,9 +466,28 @@ def test_same_stems_in_one_run_get_their_own_outputs(tiny_checkpoint, tmp_path):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         write_synthetic_slide(root / rel, 256, 256, mpp=MPP, levels=1, seed=len(rel))
     out = tmp_path / "results"
-    code = main(["run", str(root), "--out", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu",
-                 "--workers", "1", "--tile-size", "256", "--halo", "64", "--quiet", "--no-tissue-detection",
-                 "--set", "output.chunk=64"])
+    code = main(
+        [
+            "run",
+            str(root),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--tile-size",
+            "256",
+            "--halo",
+            "64",
+            "--quiet",
+            "--no-tissue-detection",
+            "--set",
+            "output.chunk=64",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "run_summary.json").read_text())
     assert [s["status"] for s in summary["slides"]] == ["ok"] * 4
@@ -327,8 +503,23 @@ def test_a_folder_holding_another_slides_results_is_an_error(tiny_checkpoint, tm
     for k, slide in enumerate((first, second)):
         slide.parent.mkdir()
         write_synthetic_slide(slide, 256, 256, mpp=MPP, levels=1, seed=k)
-    args = ["--out", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu", "--workers", "1",
-            "--tile-size", "256", "--halo", "64", "--quiet", "--set", "output.chunk=64"]
+    args = [
+        "--out",
+        str(out),
+        "--weights",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--tile-size",
+        "256",
+        "--halo",
+        "64",
+        "--quiet",
+        "--set",
+        "output.chunk=64",
+    ]
     assert main(["run", str(first), *args]) == 0
     before = (out / "x" / "report.json").read_text()
     assert main(["run", str(second), *args]) == 1  # same output name, another slide: never skipped or mixed

@@ -112,14 +112,24 @@ def test_from_options_reads_model_options():
     options = SimpleNamespace(device="cpu", amp="fp32", channels_last="false", tta="flips", threads=1, batch_size=4)
     info = Predictor.from_options(bundle, options).describe()
     assert (info["amp"], info["layout"], info["tta"], info["tta_passes"], info["threads"]) == (
-        "fp32", "nchw", "flips", 4, 1)
+        "fp32",
+        "nchw",
+        "flips",
+        4,
+        1,
+    )
     assert Predictor.from_options(bundle, SimpleNamespace(device="cpu", tta="auto", threads=1)).tta == "none"
 
 
-@pytest.mark.parametrize(("name", "value", "setting"), [
-    ("amp", "half", "model.amp"), ("channels_last", "maybe", "model.channels_last"),
-    ("tta", "rot8", "model.tta"), ("threads", 0, "model.threads"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "setting"),
+    [
+        ("amp", "half", "model.amp"),
+        ("channels_last", "maybe", "model.channels_last"),
+        ("tta", "rot8", "model.tta"),
+        ("threads", 0, "model.threads"),
+    ],
+)
 def test_bad_options_name_the_setting(name, value, setting):
     with pytest.raises(ConfigError, match=setting):
         Predictor(_bundle(), device="cpu", **{name: value})

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import synthetic_rgb
 
 from wsi_grunet.cli import main
 from wsi_grunet.model.checkpoint import (
@@ -26,6 +25,8 @@ from wsi_grunet.segment import (
     segment_folder,
     segment_image,
 )
+
+from synthetic import synthetic_rgb
 
 # The same physical field (192 x 128 um) at two pixel sizes; synthetic_rgb places its discs in
 # micrometres, so both images hold the same nuclei.
@@ -66,9 +67,25 @@ def test_segment_places_and_sizes_nuclei_at_either_pixel_size(weights, tmp_path,
     Image.fromarray(rgb).save(images / "field.png")
     out = tmp_path / "labels"
     # tiles smaller than the image at 0.25 um/px (384 x 256 model pixels): the tiled path runs
-    code = main(["segment", str(images), "--out", str(out), "--mpp", str(mpp), "--weights", str(weights),
-                 "--device", "cpu", "--quiet", "--set", "tiling.tile_size=256", "tiling.halo=64",
-                 "output.chunk=64"])
+    code = main(
+        [
+            "segment",
+            str(images),
+            "--out",
+            str(out),
+            "--mpp",
+            str(mpp),
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--set",
+            "tiling.tile_size=256",
+            "tiling.halo=64",
+            "output.chunk=64",
+        ]
+    )
     assert code == 0
     labels = np.asarray(Image.open(out / "field.png"))
     assert labels.shape == rgb.shape[:2] and labels.dtype == np.uint16
@@ -148,8 +165,18 @@ def test_segment_folder_uses_the_given_tiles_and_matches_one_pass(weights, tmp_p
     (tmp_path / "in").mkdir()
     Image.fromarray(rgb).save(tmp_path / "in" / "a.png")
     params = PostprocessParams.from_dict({**bundle.metadata["postprocess"], "threshold": bundle.threshold})
-    results = segment_folder(tmp_path / "in", tmp_path / "out", 0.5, bundle, params, recording,  # type: ignore[arg-type]
-                             progress=False, tile_size=256, halo=64, batch_size=2)
+    results = segment_folder(
+        tmp_path / "in",
+        tmp_path / "out",
+        0.5,
+        bundle,
+        params,
+        recording,  # type: ignore[arg-type]
+        progress=False,
+        tile_size=256,
+        halo=64,
+        batch_size=2,
+    )
     assert results[0]["status"] == "ok"
     assert recording.shapes and all(shape[1:] == (256, 256, 3) for shape in recording.shapes)
     assert sum(shape[0] for shape in recording.shapes) == 3 * 2  # cores of 128: 3 x 2 tiles

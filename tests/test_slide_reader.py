@@ -16,7 +16,6 @@ import openslide
 import pytest
 from PIL import Image
 from scipy import ndimage as ndi
-from synthetic import write_rgb_image, write_synthetic_slide
 
 from wsi_grunet.errors import MissingMppError, SlideOpenError, SlideReadError
 from wsi_grunet.geometry import Box
@@ -29,6 +28,8 @@ from wsi_grunet.slide.reader import (
     open_reader_cached,
 )
 from wsi_grunet.slide.resample import choose_level, geometric_downsamples
+
+from synthetic import write_rgb_image, write_synthetic_slide
 
 
 @pytest.fixture(scope="module")

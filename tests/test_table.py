@@ -71,7 +71,7 @@ def test_units_are_recorded(tmp_path, records):
 
 def test_zero_rows_give_a_valid_file_with_schema(tmp_path):
     path = tmp_path / "nuclei.parquet"
-    with NucleusTableWriter(path) as writer:
+    with NucleusTableWriter(path):
         pass
     table = pq.read_table(path)
     assert table.num_rows == 0

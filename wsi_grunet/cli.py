@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,8 +23,9 @@ class UntrainedFilter(logging.Filter):
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr
+    )
 
 
 def _mark_untrained(bundle) -> None:
@@ -38,9 +38,15 @@ def _overrides(args: argparse.Namespace) -> list[dict]:
     from .config import parse_override
 
     mapping = {
-        "weights": ("model", "weights"), "device": ("model", "device"), "batch_size": ("model", "batch_size"),
-        "amp": ("model", "amp"), "mpp": ("slide", "mpp"), "tile_size": ("tiling", "tile_size"),
-        "halo": ("tiling", "halo"), "workers": ("cluster", "workers"), "scheduler": ("cluster", "scheduler"),
+        "weights": ("model", "weights"),
+        "device": ("model", "device"),
+        "batch_size": ("model", "batch_size"),
+        "amp": ("model", "amp"),
+        "mpp": ("slide", "mpp"),
+        "tile_size": ("tiling", "tile_size"),
+        "halo": ("tiling", "halo"),
+        "workers": ("cluster", "workers"),
+        "scheduler": ("cluster", "scheduler"),
         "cluster": ("cluster", "kind"),
     }
     out = [parse_override(text) for text in getattr(args, "set", None) or []]
@@ -67,9 +73,9 @@ def _check_device(cfg) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .cluster import open_client
+    from .cohort import run_cohort
     from .config import load_config
     from .model.checkpoint import resolve_weights
-    from .cohort import run_cohort
     from .slide.discovery import find_slides
 
     for noisy in ("distributed", "bokeh", "tornado"):  # distributed configures its loggers on import
@@ -95,9 +101,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = run_cohort(slides, Path(args.out), cfg, bundle, client, progress=not args.quiet)
     failed = [r for r in results if r.status == "failed"]
     busy = sum(r.status == "busy" for r in results)
-    print(f"\n{len(results)} slide(s): {sum(r.status == 'ok' for r in results)} done, "
-          f"{sum(r.status == 'skipped' for r in results)} skipped (already finished), {len(failed)} failed"
-          + (f", {busy} busy (another run is working on them)" if busy else ""))
+    print(
+        f"\n{len(results)} slide(s): {sum(r.status == 'ok' for r in results)} done, "
+        f"{sum(r.status == 'skipped' for r in results)} skipped (already finished), {len(failed)} failed"
+        + (f", {busy} busy (another run is working on them)" if busy else "")
+    )
     for r in results:
         line = f"  {r.status:8s} {r.slide}"
         line += f"  ({r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s)" if r.status == "ok" else ""
@@ -133,13 +141,25 @@ def _segment_images(cfg, images: str, out: str, image_mpp: float, save_probabili
     _mark_untrained(bundle)
     predictor = Predictor.from_options(bundle, cfg.model)
     batch_size = cfg.model.batch_size if predictor.device.type == "cuda" else 1
-    results = segment_folder(Path(images), Path(out), image_mpp, bundle, postprocess_params(bundle, cfg),
-                             predictor, save_probability=save_probability, progress=not quiet,
-                             tile_size=cfg.tiling.tile_size, halo=cfg.tiling.halo, batch_size=batch_size)
+    results = segment_folder(
+        Path(images),
+        Path(out),
+        image_mpp,
+        bundle,
+        postprocess_params(bundle, cfg),
+        predictor,
+        save_probability=save_probability,
+        progress=not quiet,
+        tile_size=cfg.tiling.tile_size,
+        halo=cfg.tiling.halo,
+        batch_size=batch_size,
+    )
     failed = [r for r in results if r["status"] != "ok"]
     for r in failed:
         print(f"failed: {r['error']}")
-    print(f"{len(results) - len(failed)} image(s) segmented into {out}, {len(failed)} failed; model: {bundle.status_line}")
+    print(
+        f"{len(results) - len(failed)} image(s) segmented into {out}, {len(failed)} failed; model: {bundle.status_line}"
+    )
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -152,16 +172,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import parse_override
-    from .config import load_train_config
+    from .config import load_train_config, parse_override
     from .train.loop import train
 
     cfg = load_train_config(args.config, [parse_override(text) for text in args.set or []])
-    info = train([Path(d) for d in args.data], Path(args.out), cfg, labels_dir=args.labels_dir, mpp=args.data_mpp,
-                 progress=not args.quiet)
-    print(f"trained {info['step']} steps in {info['minutes']:.1f} min; best validation {cfg.select_by} "
-          f"{info['best']:.4f} (select images); "
-          f"checkpoint {Path(args.out).with_suffix('.safetensors')}")
+    info = train(
+        [Path(d) for d in args.data],
+        Path(args.out),
+        cfg,
+        labels_dir=args.labels_dir,
+        mpp=args.data_mpp,
+        progress=not args.quiet,
+    )
+    print(
+        f"trained {info['step']} steps in {info['minutes']:.1f} min; best validation {cfg.select_by} "
+        f"{info['best']:.4f} (select images); "
+        f"checkpoint {Path(args.out).with_suffix('.safetensors')}"
+    )
     return EXIT_OK
 
 
@@ -222,33 +249,54 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="only warnings and the summary; no progress bars")
         if model:
             p.add_argument("--config", help="YAML config (see configs/default.yaml), merged over the defaults")
-            p.add_argument("--weights", help="checkpoint (.safetensors + .json); default: the packaged weights; "
-                                             "'untrained' for a random model")
+            p.add_argument(
+                "--weights",
+                help="checkpoint (.safetensors + .json); default: the packaged weights; 'untrained' for a random model",
+            )
             p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
             p.add_argument("--set", nargs="+", metavar="SECTION.KEY=VALUE", help="override any config value")
 
-    run = sub.add_parser("run", help="segment nuclei in whole slides",
-                         description="Segment nuclei in every slide given (files, or folders searched for slide files). "
-                                     "Writes <out>/<slide-stem>/ with <stem>.ome.zarr, nuclei.geojson.gz, nuclei.parquet, "
-                                     "report.json and preview.png. Exit code 1 when any slide failed.")
+    run = sub.add_parser(
+        "run",
+        help="segment nuclei in whole slides",
+        description="Segment nuclei in every slide given (files, or folders searched for slide files). "
+        "Writes <out>/<slide-stem>/ with <stem>.ome.zarr, nuclei.geojson.gz, nuclei.parquet, "
+        "report.json and preview.png. Exit code 1 when any slide failed.",
+    )
     run.add_argument("slides", nargs="*", metavar="SLIDES", help="slide files or folders")
-    run.add_argument("--example", action="store_true",
-                     help="also run the example slide shipped with wsi-grunet (CMU-1-Small-Region.svs, CC0)")
-    run.add_argument("--outputs", metavar="FORMATS",
-                     help="comma-separated outputs to write, of zarr,geojson,parquet,preview (default: all)")
+    run.add_argument(
+        "--example",
+        action="store_true",
+        help="also run the example slide shipped with wsi-grunet (CMU-1-Small-Region.svs, CC0)",
+    )
+    run.add_argument(
+        "--outputs",
+        metavar="FORMATS",
+        help="comma-separated outputs to write, of zarr,geojson,parquet,preview (default: all)",
+    )
     run.add_argument("--out", required=True, help="output folder")
     common(run)
     run.add_argument("--mpp", type=float, help="slide microns per pixel (overrides the slide's own value)")
     run.add_argument("--tile-size", type=int, help="model pixels per tile, halo included (multiple of 16)")
-    run.add_argument("--halo", type=int, help="context pixels on each tile side, wider than any nucleus (multiple of 16)")
+    run.add_argument(
+        "--halo", type=int, help="context pixels on each tile side, wider than any nucleus (multiple of 16)"
+    )
     run.add_argument("--batch-size", type=int, help="tiles per forward pass")
-    run.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"],
-                     help="autocast precision (fp32: none; auto: bf16 on CUDA and on CPUs with native bf16)")
+    run.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="autocast precision (fp32: none; auto: bf16 on CUDA and on CPUs with native bf16)",
+    )
     run.add_argument("--workers", type=int, help="CPU worker processes of the local Dask cluster")
-    run.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster")
-    run.add_argument("--cluster", choices=["local", "slurm"],
-                     help="where the Dask workers run: local processes, or SLURM jobs (settings under slurm: in the "
-                          "config, see configs/cluster/slurm.yaml)")
+    run.add_argument(
+        "--scheduler", help="address of a running Dask scheduler (tcp://host:8786) instead of a local cluster"
+    )
+    run.add_argument(
+        "--cluster",
+        choices=["local", "slurm"],
+        help="where the Dask workers run: local processes, or SLURM jobs (settings under slurm: in the "
+        "config, see configs/cluster/slurm.yaml)",
+    )
     run.add_argument("--overwrite", action="store_true", help="redo slides whose finished results exist")
     run.add_argument("--no-tissue-detection", action="store_true", help="process every tile, glass included")
     run.set_defaults(func=cmd_run)
@@ -260,9 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(info)
     info.set_defaults(func=cmd_info)
 
-    seg = sub.add_parser("segment", help="segment nuclei in ordinary image files (tif, png, jpg)",
-                         description="Writes <out>/<image-stem>.png: uint16 instance labels (0 = background) at the "
-                                     "input's size.")
+    seg = sub.add_parser(
+        "segment",
+        help="segment nuclei in ordinary image files (tif, png, jpg)",
+        description="Writes <out>/<image-stem>.png: uint16 instance labels (0 = background) at the input's size.",
+    )
     seg.add_argument("images", help="an image file or a folder of images")
     seg.add_argument("--out", required=True)
     seg.add_argument("--mpp", dest="image_mpp", type=float, required=True, help="microns per pixel of the images")
@@ -270,10 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(seg)
     seg.set_defaults(func=cmd_segment)
 
-    tr = sub.add_parser("train", help="train GRU-Net on annotated tiles",
-                        description="Trains on folders with images/ and instance labels (labels_instance/, "
-                                    "masks_instance_filled/ or --labels-dir). Keeps the checkpoint with the best "
-                                    "validation soft Dice; rerunning with the same --out resumes.")
+    tr = sub.add_parser(
+        "train",
+        help="train GRU-Net on annotated tiles",
+        description="Trains on folders with images/ and instance labels (labels_instance/, "
+        "masks_instance_filled/ or --labels-dir). Keeps the checkpoint with the best "
+        "validation soft Dice; rerunning with the same --out resumes.",
+    )
     tr.add_argument("--data", nargs="+", required=True, help="dataset folders")
     tr.add_argument("--out", required=True, help="checkpoint path (writes .safetensors and .json)")
     tr.add_argument("--config", help="YAML training config (see configs/train.yaml)")

@@ -45,8 +45,15 @@ def _failed(slide: Path, name: str, exc: BaseException, started: float) -> Slide
     return SlideResult(str(slide), "failed", name, error=error, seconds=time.perf_counter() - started)
 
 
-def run_cohort(entries: Sequence[SlideEntry], out_root: Path, cfg: RunConfig, bundle: ModelBundle, client: Client,
-               progress: bool = True, backend: InferenceBackend | None = None) -> list[SlideResult]:
+def run_cohort(
+    entries: Sequence[SlideEntry],
+    out_root: Path,
+    cfg: RunConfig,
+    bundle: ModelBundle,
+    client: Client,
+    progress: bool = True,
+    backend: InferenceBackend | None = None,
+) -> list[SlideResult]:
     """Run every slide (in the given order); writes ``run_summary.json``. Results keep that order.
 
     Each slide is locked while this run works on it (``cohort_state``): a slide another live run holds
@@ -67,10 +74,22 @@ def run_cohort(entries: Sequence[SlideEntry], out_root: Path, cfg: RunConfig, bu
         result = results[k]
         try:
             if result is not None:
-                update_ledger(out_root, [ledger_row(result.slide, result.name, result.status, nuclei=result.nuclei,
-                                                    tiles=result.tiles, seconds=result.seconds,
-                                                    weights_sha256=bundle.sha256, fingerprint=fingerprints.get(k),
-                                                    error=result.error)])
+                update_ledger(
+                    out_root,
+                    [
+                        ledger_row(
+                            result.slide,
+                            result.name,
+                            result.status,
+                            nuclei=result.nuclei,
+                            tiles=result.tiles,
+                            seconds=result.seconds,
+                            weights_sha256=bundle.sha256,
+                            fingerprint=fingerprints.get(k),
+                            error=result.error,
+                        )
+                    ],
+                )
         finally:
             lock = locks.pop(k, None)
             if lock is not None:
@@ -133,9 +152,13 @@ def run_cohort(entries: Sequence[SlideEntry], out_root: Path, cfg: RunConfig, bu
 
 
 def write_run_summary(out_root: Path, bundle: ModelBundle, results: list[SlideResult]) -> None:
-    summary = {"model": bundle.status_line, "weights_sha256": bundle.sha256,
-               "outputs": {r.name: r.slide for r in results if r.name},
-               "slides": [vars(r) for r in results], "failed": sum(r.status == "failed" for r in results)}
+    summary = {
+        "model": bundle.status_line,
+        "weights_sha256": bundle.sha256,
+        "outputs": {r.name: r.slide for r in results if r.name},
+        "slides": [vars(r) for r in results],
+        "failed": sum(r.status == "failed" for r in results),
+    }
     tmp = out_root / f".run_summary.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out_root / "run_summary.json")

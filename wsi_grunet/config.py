@@ -31,8 +31,18 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
-    "ConfigError", "InvalidValue", "RunConfig", "TrainConfig", "SlurmOptions", "load_config", "load_train_config",
-    "parse_override", "read_yaml", "build_dataclass", "config_file", "option",
+    "ConfigError",
+    "InvalidValue",
+    "RunConfig",
+    "TrainConfig",
+    "SlurmOptions",
+    "load_config",
+    "load_train_config",
+    "parse_override",
+    "read_yaml",
+    "build_dataclass",
+    "config_file",
+    "option",
 ]
 
 
@@ -73,7 +83,9 @@ _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False
 _Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
 _Loader.add_implicit_resolver(
     _FLOAT,
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -106,14 +118,33 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
 # --- field checks -------------------------------------------------------------------------------------
 
 
-def option(default: Any, *, min: float | None = None, max: float | None = None, gt: float | None = None,
-           lt: float | None = None, multiple_of: int | None = None, min_len: int | None = None, unique: bool = False,
-           check: Callable[[Any], str | None] | None = None, allowed: str | None = None) -> Any:
+def option(
+    default: Any,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    multiple_of: int | None = None,
+    min_len: int | None = None,
+    unique: bool = False,
+    check: Callable[[Any], str | None] | None = None,
+    allowed: str | None = None,
+) -> Any:
     """A dataclass field with checks: ``min``/``max`` inclusive, ``gt``/``lt`` exclusive bounds,
     ``multiple_of``, ``min_len``/``unique`` for lists, ``check(value) -> problem or None`` with
     ``allowed`` describing what it accepts."""
-    meta = {"min": min, "max": max, "gt": gt, "lt": lt, "multiple_of": multiple_of, "min_len": min_len,
-            "unique": unique, "check": check, "allowed": allowed}
+    meta = {
+        "min": min,
+        "max": max,
+        "gt": gt,
+        "lt": lt,
+        "multiple_of": multiple_of,
+        "min_len": min_len,
+        "unique": unique,
+        "check": check,
+        "allowed": allowed,
+    }
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None and v is not False})
 
 
@@ -199,8 +230,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return None
             raise wrong
         # Literal spellings first, so "auto" is not read as a string or a bool word
-        options = sorted((a for a in typing.get_args(annotation) if a is not type(None)),
-                         key=lambda a: typing.get_origin(a) is not Literal)
+        options = sorted(
+            (a for a in typing.get_args(annotation) if a is not type(None)),
+            key=lambda a: typing.get_origin(a) is not Literal,
+        )
         for candidate in options:
             try:
                 return _coerce(value, candidate, key)
@@ -248,16 +281,21 @@ def _check_field(value: Any, annotation: Any, meta: typing.Mapping[str, Any], ke
     allowed = describe(annotation, meta)
     if isinstance(value, (list, tuple)):
         if "min_len" in meta and len(value) < meta["min_len"]:
-            raise InvalidValue(f"{key}: {list(value)!r} needs at least {meta['min_len']} item(s); allowed: {allowed}",
-                               key)
+            raise InvalidValue(
+                f"{key}: {list(value)!r} needs at least {meta['min_len']} item(s); allowed: {allowed}", key
+            )
         if meta.get("unique") and len(set(value)) != len(value):
             raise InvalidValue(f"{key}: {list(value)!r} names an item twice", key)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value:  # NaN passes no comparison
             raise InvalidValue(f"{key}: nan is not allowed; allowed: {allowed}", key)
-        broken = (("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"])
-                  or ("gt" in meta and value <= meta["gt"]) or ("lt" in meta and value >= meta["lt"])
-                  or ("multiple_of" in meta and value % meta["multiple_of"]))
+        broken = (
+            ("min" in meta and value < meta["min"])
+            or ("max" in meta and value > meta["max"])
+            or ("gt" in meta and value <= meta["gt"])
+            or ("lt" in meta and value >= meta["lt"])
+            or ("multiple_of" in meta and value % meta["multiple_of"])
+        )
         if broken:
             raise InvalidValue(f"{key}: {_show(value)} is out of range; allowed: {allowed}", key)
     if "check" in meta:
@@ -280,8 +318,11 @@ def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
     unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise InvalidValue(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known keys"
-                           f"{' of ' + where if where else ''}: {', '.join(fields)}", *(prefix + k for k in unknown))
+        raise InvalidValue(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known keys"
+            f"{' of ' + where if where else ''}: {', '.join(fields)}",
+            *(prefix + k for k in unknown),
+        )
     kwargs = {}
     for name, value in data.items():
         annotation, key = hints[name], f"{where}.{name}" if where else name
@@ -305,8 +346,11 @@ DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 @dataclass(frozen=True)
 class ModelOptions:
-    weights: str | None = option(None, check=lambda v: "is empty" if not v.strip() else None,
-                                 allowed="a checkpoint path, 'untrained' or 'null-model'")  # None: packaged weights
+    weights: str | None = option(
+        None,
+        check=lambda v: "is empty" if not v.strip() else None,
+        allowed="a checkpoint path, 'untrained' or 'null-model'",
+    )  # None: packaged weights
     device: str = option("auto", check=_device_problem, allowed=DEVICE_CHOICES)
     batch_size: int = option(8, min=1)  # tiles per forward pass
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast precision; fp32: none
@@ -331,7 +375,9 @@ class TilingOptions:
             raise InvalidValue(
                 f"tiling.tile_size: {self.tile_size} leaves no tile core with tiling.halo {self.halo}; "
                 f"allowed: tile_size - 2*halo >= 16 (here at least {2 * self.halo + 16})",
-                "tiling.tile_size", "tiling.halo")
+                "tiling.tile_size",
+                "tiling.halo",
+            )
 
     @property
     def core(self) -> int:
@@ -366,16 +412,23 @@ def _address_problem(value: str) -> str | None:
 @dataclass(frozen=True)
 class ClusterOptions:
     kind: Literal["local", "slurm"] = "local"  # local: worker processes on this machine; slurm: batch jobs
-    scheduler: str | None = option(None, check=_address_problem,  # an existing dask scheduler
-                                   allowed="tcp://, tls:// or ucx://host:port, or host:port")
+    scheduler: str | None = option(
+        None,
+        check=_address_problem,  # an existing dask scheduler
+        allowed="tcp://, tls:// or ucx://host:port, or host:port",
+    )
     workers: int = option(2, min=1)  # CPU worker processes of the local cluster
     threads_per_worker: int = option(1, min=1)
     tiles_in_flight: int = option(32, min=1)  # bound on tiles read but not yet post-processed (memory cap)
 
     def __post_init__(self) -> None:
         if self.scheduler is not None and self.kind == "slurm":
-            raise InvalidValue("cluster.scheduler: an existing scheduler and cluster.kind slurm (which starts one) "
-                               "exclude each other; allowed: set one of them", "cluster.scheduler", "cluster.kind")
+            raise InvalidValue(
+                "cluster.scheduler: an existing scheduler and cluster.kind slurm (which starts one) "
+                "exclude each other; allowed: set one of them",
+                "cluster.scheduler",
+                "cluster.kind",
+            )
 
 
 def _walltime_problem(value: str) -> str | None:
@@ -410,15 +463,26 @@ class SlurmOptions:
 
     def __post_init__(self) -> None:
         if self.jobs_min > self.jobs_max:
-            raise InvalidValue(f"slurm.jobs_min: {self.jobs_min} exceeds slurm.jobs_max {self.jobs_max}; "
-                               "allowed: jobs_min <= jobs_max", "slurm.jobs_min", "slurm.jobs_max")
+            raise InvalidValue(
+                f"slurm.jobs_min: {self.jobs_min} exceeds slurm.jobs_max {self.jobs_max}; "
+                "allowed: jobs_min <= jobs_max",
+                "slurm.jobs_min",
+                "slurm.jobs_max",
+            )
         if self.processes > self.cores:
-            raise InvalidValue(f"slurm.processes: {self.processes} exceeds slurm.cores {self.cores}; allowed: "
-                               "at most one worker process per core", "slurm.processes", "slurm.cores")
+            raise InvalidValue(
+                f"slurm.processes: {self.processes} exceeds slurm.cores {self.cores}; allowed: "
+                "at most one worker process per core",
+                "slurm.processes",
+                "slurm.cores",
+            )
         if self.gpus_per_job > self.cores:  # one worker process per GPU, each needs a core
-            raise InvalidValue(f"slurm.gpus_per_job: {self.gpus_per_job} needs at least as many slurm.cores "
-                               f"(one worker process per GPU), not {self.cores}; allowed: gpus_per_job <= cores",
-                               "slurm.gpus_per_job", "slurm.cores")
+            raise InvalidValue(
+                f"slurm.gpus_per_job: {self.gpus_per_job} needs at least as many slurm.cores "
+                f"(one worker process per GPU), not {self.cores}; allowed: gpus_per_job <= cores",
+                "slurm.gpus_per_job",
+                "slurm.cores",
+            )
 
 
 OutputFormat = Literal["zarr", "geojson", "parquet", "preview"]
@@ -436,8 +500,9 @@ class OutputOptions:
 
     def __post_init__(self) -> None:
         if self.slide_rgb and "zarr" not in self.formats:
-            raise InvalidValue("output.slide_rgb: true needs zarr in output.formats", "output.slide_rgb",
-                               "output.formats")
+            raise InvalidValue(
+                "output.slide_rgb: true needs zarr in output.formats", "output.slide_rgb", "output.formats"
+            )
 
 
 @dataclass(frozen=True)
@@ -458,7 +523,10 @@ class RunConfig:
             raise InvalidValue(
                 f"output.chunk: {chunk} does not divide the tile core {core} (tiling.tile_size {self.tiling.tile_size}"
                 f" - 2*tiling.halo {self.tiling.halo}); allowed: a multiple of 16 dividing {core}, e.g. {hint}",
-                "output.chunk", "tiling.tile_size", "tiling.halo")
+                "output.chunk",
+                "tiling.tile_size",
+                "tiling.halo",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -539,8 +607,10 @@ def _parents(key: str) -> list[str]:
 
 
 def _override_layers(overrides: list[dict[str, Any]] | None) -> list[tuple[str, dict[str, Any]]]:
-    return [(f"by --set {o.text}" if isinstance(o, Override) and o.text else "on the command line", o)
-            for o in overrides or []]
+    return [
+        (f"by --set {o.text}" if isinstance(o, Override) and o.text else "on the command line", o)
+        for o in overrides or []
+    ]
 
 
 def default_layers() -> list[tuple[str, dict[str, Any]]]:
@@ -586,8 +656,9 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
     threads: int | None = option(None, min=1)  # CPU threads; None: the cores available
-    init_weights: str | None = option(None, check=lambda v: "is empty" if not v.strip() else None,
-                                      allowed="a checkpoint path or 'packaged'")  # start from these weights
+    init_weights: str | None = option(
+        None, check=lambda v: "is empty" if not v.strip() else None, allowed="a checkpoint path or 'packaged'"
+    )  # start from these weights
     colour_jitter: float = option(0.05, min=0)  # stain (HED) jitter strength
     device: str = option("auto", check=_device_problem, allowed=DEVICE_CHOICES)
 
@@ -595,14 +666,19 @@ class TrainConfig:
         if self.schedule == "cosine" and self.lr_min > self.lr:
             raise InvalidValue(f"lr_min: {self.lr_min:g} exceeds lr {self.lr:g}; allowed: lr_min <= lr", "lr_min", "lr")
         if self.warmup_steps > self.max_steps:
-            raise InvalidValue(f"warmup_steps: {self.warmup_steps} exceeds max_steps {self.max_steps}; "
-                               "allowed: warmup_steps <= max_steps", "warmup_steps", "max_steps")
+            raise InvalidValue(
+                f"warmup_steps: {self.warmup_steps} exceeds max_steps {self.max_steps}; "
+                "allowed: warmup_steps <= max_steps",
+                "warmup_steps",
+                "max_steps",
+            )
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[dict[str, Any]] | None = None) -> TrainConfig:
     """``configs/train.yaml`` <- ``path`` <- overrides (``--set key=value``), then validated."""
     layers: list[tuple[str, dict[str, Any]]] = [
-        ("defaults", read_yaml(TRAIN_CONFIG_PATH) if TRAIN_CONFIG_PATH.exists() else {})]
+        ("defaults", read_yaml(TRAIN_CONFIG_PATH) if TRAIN_CONFIG_PATH.exists() else {})
+    ]
     if path is not None:
         layers.append((f"in {path}", read_yaml(Path(path))))
     return typing.cast(TrainConfig, _build(TrainConfig, layers + _override_layers(overrides)))

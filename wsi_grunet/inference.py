@@ -132,8 +132,12 @@ class DriverBackend:
         self.limit = max(cfg.cluster.tiles_in_flight, self.batch_size)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "driver", "batch_size": self.batch_size, "tiles_in_flight": self.limit,
-                **self.predictor.describe()}
+        return {
+            "backend": "driver",
+            "batch_size": self.batch_size,
+            "tiles_in_flight": self.limit,
+            **self.predictor.describe(),
+        }
 
     def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool) -> TileRun:
         tiles = plan.tiles_to_run()
@@ -208,16 +212,22 @@ def worker_predictor(weights: str | None, sha256: str | None, options: ModelOpti
     if key not in _WORKER_PREDICTORS:
         bundle = resolve_weights(weights)
         if sha256 is not None and bundle.sha256 != sha256:
-            raise CheckpointError(f"{bundle.source}: on this worker the weights have sha256 {bundle.sha256}, "
-                                  f"not {sha256} as in the driver: the workers see different weight files")
+            raise CheckpointError(
+                f"{bundle.source}: on this worker the weights have sha256 {bundle.sha256}, "
+                f"not {sha256} as in the driver: the workers see different weight files"
+            )
         _WORKER_PREDICTORS.clear()  # one model per worker process
         _WORKER_PREDICTORS[key] = make_predictor(bundle, options)
     return _WORKER_PREDICTORS[key]
 
 
-def predict_tiles_on_worker(weights: str | None, sha256: str | None, options: ModelOptions,
-                            reader_args: tuple[str, float, float | None], tiles: list[Tile]
-                            ) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], float]:
+def predict_tiles_on_worker(
+    weights: str | None,
+    sha256: str | None,
+    options: ModelOptions,
+    reader_args: tuple[str, float, float | None],
+    tiles: list[Tile],
+) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], float]:
     """Fused read -> predict for a batch of tiles; returns each tile's maps and the model seconds."""
     predictor = worker_predictor(weights, sha256, options)
     reader = open_reader_cached(*reader_args)
@@ -248,12 +258,17 @@ class WorkerBackend:
         self.limit = max(cfg.cluster.tiles_in_flight, self.batch_size)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "workers", "resource": f"{GPU_RESOURCE}=1", "batch_size": self.batch_size,
-                "tiles_in_flight": self.limit, "device": self.options.device}
+        return {
+            "backend": "workers",
+            "resource": f"{GPU_RESOURCE}=1",
+            "batch_size": self.batch_size,
+            "tiles_in_flight": self.limit,
+            "device": self.options.device,
+        }
 
     def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool) -> TileRun:
         tiles = plan.tiles_to_run()
-        batches = deque(tiles[i:i + self.batch_size] for i in range(0, len(tiles), self.batch_size))
+        batches = deque(tiles[i : i + self.batch_size] for i in range(0, len(tiles), self.batch_size))
         reader_args = plan.reader_args()
         in_flight: list[Future] = []
         model_s: list[Future] = []
@@ -265,8 +280,17 @@ class WorkerBackend:
                 ledger.prune()
                 while batches and len(in_flight) + self.batch_size <= self.limit:
                     batch = batches.popleft()
-                    predicted = submit(predict_tiles_on_worker, self.weights, self.sha256, self.options, reader_args,
-                                       batch, pure=False, resources={GPU_RESOURCE: 1}, priority=-batch[0].index)
+                    predicted = submit(
+                        predict_tiles_on_worker,
+                        self.weights,
+                        self.sha256,
+                        self.options,
+                        reader_args,
+                        batch,
+                        pure=False,
+                        resources={GPU_RESOURCE: 1},
+                        priority=-batch[0].index,
+                    )
                     ledger.pure.append(predicted)
                     model_s.append(submit(_batch_seconds, predicted, pure=False))
                     for k, tile in enumerate(batch):

@@ -16,8 +16,9 @@ from .tile_work import tile_files
 from .tiling import Tile, neighbours
 
 
-def label_shard_jobs(tiles: Sequence[Tile], counts: Mapping[int, int], offsets: Mapping[int, int],
-                     grid: tuple[int, int]) -> list[tuple[Box, list[tuple[Tile, int]]]]:
+def label_shard_jobs(
+    tiles: Sequence[Tile], counts: Mapping[int, int], offsets: Mapping[int, int], grid: tuple[int, int]
+) -> list[tuple[Box, list[tuple[Tile, int]]]]:
     """(core, [(source tile, id offset), ...]) for every core that some owned nucleus may reach."""
     by_index = {tile.index: tile for tile in tiles}
     jobs = []

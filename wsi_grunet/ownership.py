@@ -188,9 +188,7 @@ def _groups_reaching(compact: np.ndarray, seeds: np.ndarray, n: int) -> np.ndarr
     return np.isin(group, group[seeds])
 
 
-def _contract_message(
-    mask: np.ndarray, read: Box, centroid: tuple[float, float], halo: int, mpp: float | None
-) -> str:
+def _contract_message(mask: np.ndarray, read: Box, centroid: tuple[float, float], halo: int, mpp: float | None) -> str:
     cy, cx = centroid
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))

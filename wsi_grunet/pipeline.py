@@ -104,9 +104,16 @@ def software_versions() -> dict[str, str]:
     import torch
     import zarr
 
-    return {"wsi_grunet": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "dask": dask.__version__, "zarr": zarr.__version__, "openslide": openslide.__library_version__,
-            "openslide_python": openslide.__version__, "numpy": np.__version__}
+    return {
+        "wsi_grunet": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dask": dask.__version__,
+        "zarr": zarr.__version__,
+        "openslide": openslide.__library_version__,
+        "openslide_python": openslide.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def read_report(out_dir: Path) -> dict[str, Any] | None:
@@ -140,13 +147,16 @@ def existing_result(slide: Path, final_dir: Path) -> dict[str, Any] | None:
         return None
     other = report.get("slide", {}).get("path")
     if other and Path(other) != slide.resolve():
-        raise OutputError(f"{slide}: its output folder {final_dir} holds the results of another slide ({other}); "
-                          "two slides never share an output folder: use another --out or rename one slide")
+        raise OutputError(
+            f"{slide}: its output folder {final_dir} holds the results of another slide ({other}); "
+            "two slides never share an output folder: use another --out or rename one slide"
+        )
     return report
 
 
-def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle: ModelBundle,
-                  fingerprint: str | None = None) -> SlideWork | SlideResult:
+def prepare_slide(
+    slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle: ModelBundle, fingerprint: str | None = None
+) -> SlideWork | SlideResult:
     """Stage 1: plan the slide and set up its temporary folder (or report it as already finished).
 
     With a ``fingerprint``, finished results count only when their report has the same one."""
@@ -157,8 +167,14 @@ def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle
         if fingerprint is None or existing.get("fingerprint") == fingerprint:
             log.info("%s: finished results exist in %s, skipped (set output.overwrite to redo)", slide, final_dir)
             counts = existing.get("counts") or {}
-            return SlideResult(str(slide), "skipped", name, str(final_dir), nuclei=int(counts.get("nuclei", 0)),
-                               tiles=int(counts.get("tiles_with_tissue", 0)))
+            return SlideResult(
+                str(slide),
+                "skipped",
+                name,
+                str(final_dir),
+                nuclei=int(counts.get("nuclei", 0)),
+                tiles=int(counts.get("tiles_with_tissue", 0)),
+            )
         log.info("%s: the results in %s came from other weights, settings or slide file; redone", slide, final_dir)
     plan, thumb, thumb_um = plan_slide(slide, name, cfg, bundle.mpp)
     if tmp_dir.exists():
@@ -169,19 +185,41 @@ def prepare_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle
     try:
         plan.save(tmp_dir / "plan.json")
         if zarr_path is not None:
-            OmeZarrWriter(zarr_path, plan.model_shape, plan.model_mpp, shard=plan.core, chunk=cfg.output.chunk,
-                          levels=cfg.output.pyramid_levels, name=final_dir.name, rgb=cfg.output.slide_rgb)
+            OmeZarrWriter(
+                zarr_path,
+                plan.model_shape,
+                plan.model_mpp,
+                shard=plan.core,
+                chunk=cfg.output.chunk,
+                levels=cfg.output.pyramid_levels,
+                name=final_dir.name,
+                rgb=cfg.output.slide_rgb,
+            )
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    ctx = TileContext(model_shape=plan.model_shape, halo=plan.halo, params=postprocess_params(bundle, cfg),
-                      model_mpp=plan.model_mpp, level0_per_model=plan.level0_per_model, work_dir=str(work_dir),
-                      zarr_path=None if zarr_path is None else str(zarr_path),
-                      rgb_reader=plan.reader_args() if zarr_path is not None and cfg.output.slide_rgb else None)
+    ctx = TileContext(
+        model_shape=plan.model_shape,
+        halo=plan.halo,
+        params=postprocess_params(bundle, cfg),
+        model_mpp=plan.model_mpp,
+        level0_per_model=plan.level0_per_model,
+        work_dir=str(work_dir),
+        zarr_path=None if zarr_path is None else str(zarr_path),
+        rgb_reader=plan.reader_args() if zarr_path is not None and cfg.output.slide_rgb else None,
+    )
     work = SlideWork(plan, thumb, thumb_um, final_dir, tmp_dir, ctx, start, fingerprint=fingerprint)
     work.timings["plan_s"] = time.perf_counter() - start
-    log.info("%s: %d x %d model px at %.3f um/px, %d of %d tiles hold tissue; %s", name, plan.model_shape[1],
-             plan.model_shape[0], plan.model_mpp, len(plan.tissue_tiles), len(plan.all_tiles()), bundle.status_line)
+    log.info(
+        "%s: %d x %d model px at %.3f um/px, %d of %d tiles hold tissue; %s",
+        name,
+        plan.model_shape[1],
+        plan.model_shape[0],
+        plan.model_mpp,
+        len(plan.tissue_tiles),
+        len(plan.all_tiles()),
+        bundle.status_line,
+    )
     return work
 
 
@@ -193,19 +231,33 @@ def infer_slide(work: SlideWork, backend: InferenceBackend, progress: bool) -> N
     work.timings.update(work.tile_run.timings)
 
 
-def _write_vectors(client: Client, work: SlideWork, counts: dict[int, int], offsets: dict[int, int],
-                   cfg: RunConfig) -> int:
+def _write_vectors(
+    client: Client, work: SlideWork, counts: dict[int, int], offsets: dict[int, int], cfg: RunConfig
+) -> int:
     """GeoJSON and table: workers serialise each tile's nuclei, this process joins the pieces in id
     order (streamed; never all nuclei in memory)."""
     geojson, table = "geojson" in cfg.output.formats, "parquet" in cfg.output.formats
     owners = sorted(i for i in counts if counts[i])
-    futures = [client.submit(write_tile_vectors, str(work.work_dir), index, offsets[index], n > 0,
-                             work.final_dir.name, geojson, table, pure=False) for n, index in enumerate(owners)]
+    futures = [
+        client.submit(
+            write_tile_vectors,
+            str(work.work_dir),
+            index,
+            offsets[index],
+            n > 0,
+            work.final_dir.name,
+            geojson,
+            table,
+            pure=False,
+        )
+        for n, index in enumerate(owners)
+    ]
     work.ledger.writing.extend(futures)
     written = sum(client.gather(futures)) if (geojson or table) else sum(counts.values())
     if geojson:
-        assemble_gzip_collection(work.tmp_dir / "nuclei.geojson.gz",
-                                 (tile_files(work.work_dir, i).features for i in owners))
+        assemble_gzip_collection(
+            work.tmp_dir / "nuclei.geojson.gz", (tile_files(work.work_dir, i).features for i in owners)
+        )
     if table:
         assemble_table(work.tmp_dir / "nuclei.parquet", (tile_files(work.work_dir, i).table for i in owners))
     return written
@@ -224,14 +276,22 @@ def _write_preview(work: SlideWork, owners: list[int], cfg: RunConfig, total: in
     reader = plan.open_reader()
     if preview_um < thumb_um:
         thumb, thumb_um = reader.thumbnail(preview_um)
-    render_preview(thumb, thumb_um, plan.slide_mpp, nuclei, work.tmp_dir / "preview.png",
-                   slide_shape_l0=(plan.slide_info["height"], plan.slide_info["width"]),
-                   inset=InsetSource(reader.read, plan.model_mpp), max_px=cfg.output.preview_max_px,
-                   title=f"{plan.name}: {total:,} nuclei")
+    render_preview(
+        thumb,
+        thumb_um,
+        plan.slide_mpp,
+        nuclei,
+        work.tmp_dir / "preview.png",
+        slide_shape_l0=(plan.slide_info["height"], plan.slide_info["width"]),
+        inset=InsetSource(reader.read, plan.model_mpp),
+        max_px=cfg.output.preview_max_px,
+        title=f"{plan.name}: {total:,} nuclei",
+    )
 
 
-def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelBundle,
-                 backend: InferenceBackend) -> SlideResult:
+def finish_slide(
+    work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelBundle, backend: InferenceBackend
+) -> SlideResult:
     """Stage 3: labels, pyramid, vectors, preview and report; then the folder is moved into place."""
     plan, timings = work.plan, work.timings
     tile_results = work.tile_results  # waits for the last tiles' post-processing
@@ -243,12 +303,17 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
     if work.ctx.zarr_path is not None:
         t = time.perf_counter()
         jobs = label_shard_jobs(plan.all_tiles(), counts, offsets, plan.grid)
-        futures: list[Any] = [client.submit(write_label_shard, core, sources, work.ctx.zarr_path,
-                                            str(work.work_dir), pure=False) for core, sources in jobs]
+        futures: list[Any] = [
+            client.submit(write_label_shard, core, sources, work.ctx.zarr_path, str(work.work_dir), pure=False)
+            for core, sources in jobs
+        ]
         if work.ctx.rgb_reader is not None:  # the RGB of the tiles without tissue, one task per core
             run = set(plan.tissue_tiles)
-            futures += [client.submit(write_rgb_core, work.ctx, tile, pure=False) for tile in plan.all_tiles()
-                        if tile.index not in run]
+            futures += [
+                client.submit(write_rgb_core, work.ctx, tile, pure=False)
+                for tile in plan.all_tiles()
+                if tile.index not in run
+            ]
         work.ledger.writing.extend(futures)
         client.gather(futures)
         timings["labels_s"] = time.perf_counter() - t
@@ -272,31 +337,74 @@ def finish_slide(work: SlideWork, client: Client, cfg: RunConfig, bundle: ModelB
         "status": "ok",
         "name": plan.name,
         "fingerprint": work.fingerprint,
-        "slide": {"path": str(Path(plan.slide).resolve()), **plan.slide_info, "mpp_used": plan.slide_mpp,
-                  "mpp_source": "--mpp override" if plan.mpp_override else "slide"},
-        "model": {"trained": bundle.trained, "status": bundle.status_line, "weights": bundle.source,
-                  "sha256": bundle.sha256, "mpp": bundle.mpp, "architecture": bundle.metadata.get("architecture"),
-                  "inference": backend.describe()},
-        "plan": {"tile_size": plan.tile_size, "halo": plan.halo, "level0_per_model": plan.level0_per_model,
-                 "model_shape": list(plan.model_shape)},
+        "slide": {
+            "path": str(Path(plan.slide).resolve()),
+            **plan.slide_info,
+            "mpp_used": plan.slide_mpp,
+            "mpp_source": "--mpp override" if plan.mpp_override else "slide",
+        },
+        "model": {
+            "trained": bundle.trained,
+            "status": bundle.status_line,
+            "weights": bundle.source,
+            "sha256": bundle.sha256,
+            "mpp": bundle.mpp,
+            "architecture": bundle.metadata.get("architecture"),
+            "inference": backend.describe(),
+        },
+        "plan": {
+            "tile_size": plan.tile_size,
+            "halo": plan.halo,
+            "level0_per_model": plan.level0_per_model,
+            "model_shape": list(plan.model_shape),
+        },
         "postprocess": work.ctx.params.to_dict(),
         "config": cfg.to_dict(),
-        "counts": {"nuclei": total, "tiles_total": len(plan.all_tiles()), "tiles_with_tissue": n_tiles,
-                   "model_shape": list(plan.model_shape),
-                   "nuclei_in_cut_groups": int(sum(r.cut_groups for r in tile_results))},
-        "timings": {**{k: round(v, 3) for k, v in timings.items()}, "tiles_per_s": round(tiles_per_s, 3),
-                    "postprocess_task_s": round(sum(r.seconds for r in tile_results), 3)},
+        "counts": {
+            "nuclei": total,
+            "tiles_total": len(plan.all_tiles()),
+            "tiles_with_tissue": n_tiles,
+            "model_shape": list(plan.model_shape),
+            "nuclei_in_cut_groups": int(sum(r.cut_groups for r in tile_results)),
+        },
+        "timings": {
+            **{k: round(v, 3) for k, v in timings.items()},
+            "tiles_per_s": round(tiles_per_s, 3),
+            "postprocess_task_s": round(sum(r.seconds for r in tile_results), 3),
+        },
         "software": software_versions(),
-        "outputs": {key: value for key, value in {
-            "zarr": f"{work.final_dir.name}.ome.zarr", "geojson": "nuclei.geojson.gz", "parquet": "nuclei.parquet",
-            "preview": "preview.png"}.items() if key in formats},
+        "outputs": {
+            key: value
+            for key, value in {
+                "zarr": f"{work.final_dir.name}.ome.zarr",
+                "geojson": "nuclei.geojson.gz",
+                "parquet": "nuclei.parquet",
+                "preview": "preview.png",
+            }.items()
+            if key in formats
+        },
     }
     (work.tmp_dir / "report.json").write_text(json.dumps(report, indent=2))
     _move_into_place(work.tmp_dir, work.final_dir)
-    log.info("%s: %d nuclei, %d tiles in %.1f s (%.2f tiles/s) -> %s", plan.name, total, n_tiles,
-             timings["total_s"], tiles_per_s, work.final_dir)
-    return SlideResult(plan.slide, "ok", plan.name, str(work.final_dir), nuclei=total, tiles=n_tiles,
-                       seconds=timings["total_s"], details=report["timings"])
+    log.info(
+        "%s: %d nuclei, %d tiles in %.1f s (%.2f tiles/s) -> %s",
+        plan.name,
+        total,
+        n_tiles,
+        timings["total_s"],
+        tiles_per_s,
+        work.final_dir,
+    )
+    return SlideResult(
+        plan.slide,
+        "ok",
+        plan.name,
+        str(work.final_dir),
+        nuclei=total,
+        tiles=n_tiles,
+        seconds=timings["total_s"],
+        details=report["timings"],
+    )
 
 
 def _move_into_place(tmp_dir: Path, final_dir: Path) -> None:
@@ -315,8 +423,16 @@ def abandon_slide(work: SlideWork, client: Client) -> None:
     shutil.rmtree(work.tmp_dir, ignore_errors=True)
 
 
-def run_slide(slide: Path, name: str, out_root: Path, cfg: RunConfig, bundle: ModelBundle,
-              backend: InferenceBackend, client: Client, progress: bool = True) -> SlideResult:
+def run_slide(
+    slide: Path,
+    name: str,
+    out_root: Path,
+    cfg: RunConfig,
+    bundle: ModelBundle,
+    backend: InferenceBackend,
+    client: Client,
+    progress: bool = True,
+) -> SlideResult:
     """All three stages of one slide. Raises WsiGrunetError for bad input."""
     work = prepare_slide(slide, name, out_root, cfg, bundle)
     if isinstance(work, SlideResult):

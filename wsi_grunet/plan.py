@@ -79,9 +79,16 @@ def plan_slide(slide: str | Path, name: str, cfg: RunConfig, model_mpp: float) -
         mask = tissue_mask(thumb, thumb_um, cfg.tissue)
         tiles = [t for t in tiles if tile_has_tissue(mask, thumb_um, t.read, reader.model_mpp)]
     plan = SlidePlan(
-        slide=str(slide), name=name, model_mpp=reader.model_mpp, mpp_override=reader.mpp_override,
-        slide_mpp=reader.slide_mpp, level0_per_model=reader.level0_per_model, model_shape=(int(reader.model_shape[0]), int(reader.model_shape[1])),
-        tile_size=cfg.tiling.tile_size, halo=cfg.tiling.halo, tissue_tiles=tuple(t.index for t in tiles),
+        slide=str(slide),
+        name=name,
+        model_mpp=reader.model_mpp,
+        mpp_override=reader.mpp_override,
+        slide_mpp=reader.slide_mpp,
+        level0_per_model=reader.level0_per_model,
+        model_shape=(int(reader.model_shape[0]), int(reader.model_shape[1])),
+        tile_size=cfg.tiling.tile_size,
+        halo=cfg.tiling.halo,
+        tissue_tiles=tuple(t.index for t in tiles),
         slide_info=reader.info.to_dict(),
     )
     return plan, thumb, thumb_um

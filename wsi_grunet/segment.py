@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
-def predict_tiled(predictor: Predictor, image: np.ndarray, tile_size: int = 1152, halo: int = 64,
-                  batch_size: int = 1) -> dict[str, np.ndarray]:
+def predict_tiled(
+    predictor: Predictor, image: np.ndarray, tile_size: int = 1152, halo: int = 64, batch_size: int = 1
+) -> dict[str, np.ndarray]:
     """Probability maps for an image of any size, with the slide pipeline's tiles (cores kept)."""
     height, width = image.shape[:2]
     if height <= tile_size and width <= tile_size:  # one pass, padded only to a multiple of 16
@@ -32,7 +33,7 @@ def predict_tiled(predictor: Predictor, image: np.ndarray, tile_size: int = 1152
     maps: dict[str, np.ndarray] = {}
     tiles = plan_tiles((height, width), tile_size, halo)
     for start in range(0, len(tiles), max(1, batch_size)):
-        group = tiles[start:start + max(1, batch_size)]
+        group = tiles[start : start + max(1, batch_size)]
         patches = np.full((len(group), tile_size, tile_size, 3), 255, np.uint8)
         for patch, tile in zip(patches, group):
             box = tile.read.intersect(Box(0, 0, height, width))
@@ -41,7 +42,9 @@ def predict_tiled(predictor: Predictor, image: np.ndarray, tile_size: int = 1152
         for k, tile in enumerate(group):
             core = tile.core.relative_to(tile.read)
             for key, value in out.items():
-                maps.setdefault(key, np.zeros((height, width), np.float32))[tile.core.slices()] = value[k][core.slices()]
+                maps.setdefault(key, np.zeros((height, width), np.float32))[tile.core.slices()] = value[k][
+                    core.slices()
+                ]
     return maps
 
 
@@ -56,8 +59,14 @@ def resize_map(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def predict_at_model_mpp(predictor: Predictor, image: np.ndarray, image_mpp: float, tile_size: int = 1152,
-                         halo: int = 64, batch_size: int = 1) -> dict[str, np.ndarray]:
+def predict_at_model_mpp(
+    predictor: Predictor,
+    image: np.ndarray,
+    image_mpp: float,
+    tile_size: int = 1152,
+    halo: int = 64,
+    batch_size: int = 1,
+) -> dict[str, np.ndarray]:
     """The model's maps for ``image`` (at ``image_mpp``), at the model's resolution."""
     if not image_mpp > 0:
         raise ConfigError(f"--mpp must be a positive number of microns per pixel, got {image_mpp!r}")
@@ -65,8 +74,14 @@ def predict_at_model_mpp(predictor: Predictor, image: np.ndarray, image_mpp: flo
     return predict_tiled(predictor, scaled, tile_size, halo, batch_size)
 
 
-def label_maps(maps: dict[str, np.ndarray], shape: tuple[int, int], image_mpp: float, model_mpp: float,
-               params: PostprocessParams, at: str = "input") -> tuple[np.ndarray, np.ndarray]:
+def label_maps(
+    maps: dict[str, np.ndarray],
+    shape: tuple[int, int],
+    image_mpp: float,
+    model_mpp: float,
+    params: PostprocessParams,
+    at: str = "input",
+) -> tuple[np.ndarray, np.ndarray]:
     """Instances and probability at the input image's ``shape`` from maps at model resolution.
 
     ``at="input"``: the probability (and distance) maps are resampled to the input first and the
@@ -84,9 +99,16 @@ def label_maps(maps: dict[str, np.ndarray], shape: tuple[int, int], image_mpp: f
     return resample_labels(labels, shape), resize_map(maps["prob"], shape)
 
 
-def segment_image(predictor: Predictor, image: np.ndarray, image_mpp: float, params: PostprocessParams,
-                  tile_size: int = 1152, halo: int = 64, batch_size: int = 1,
-                  at: str = "input") -> tuple[np.ndarray, np.ndarray]:
+def segment_image(
+    predictor: Predictor,
+    image: np.ndarray,
+    image_mpp: float,
+    params: PostprocessParams,
+    tile_size: int = 1152,
+    halo: int = 64,
+    batch_size: int = 1,
+    at: str = "input",
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels (int32) and probability (float32) at the input image's own size (see ``label_maps``)."""
     maps = predict_at_model_mpp(predictor, image, image_mpp, tile_size, halo, batch_size)
     return label_maps(maps, image.shape[:2], image_mpp, predictor.bundle.mpp, params, at)
@@ -109,9 +131,19 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def segment_folder(images: Path, out_dir: Path, image_mpp: float, bundle: ModelBundle, params: PostprocessParams,
-                   predictor: Predictor, save_probability: bool = False, progress: bool = True,
-                   tile_size: int = 1152, halo: int = 64, batch_size: int = 1) -> list[dict]:
+def segment_folder(
+    images: Path,
+    out_dir: Path,
+    image_mpp: float,
+    bundle: ModelBundle,
+    params: PostprocessParams,
+    predictor: Predictor,
+    save_probability: bool = False,
+    progress: bool = True,
+    tile_size: int = 1152,
+    halo: int = 64,
+    batch_size: int = 1,
+) -> list[dict]:
     """Write ``<stem>.png`` (uint16 labels, int32 as TIFF when over 65535 nuclei) per input image.
 
     The model sees each image resampled to its own microns per pixel (in tiles of ``tile_size``
@@ -138,6 +170,7 @@ def segment_folder(images: Path, out_dir: Path, image_mpp: float, bundle: ModelB
             _save_png(labels.astype(np.uint16), out_dir / f"{path.stem}.png")
         else:
             import tifffile
+
             tmp = out_dir / f"{path.stem}.partial.tif"
             tifffile.imwrite(tmp, labels.astype(np.int32))
             os.replace(tmp, out_dir / f"{path.stem}.tif")

@@ -83,8 +83,14 @@ def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.nd
     if owned.count:
         np.savez_compressed(files.labels, labels=owned.labels)
         # Outlines follow the probability at the threshold the nuclei were labelled with.
-        records = nuclei_records(owned.labels, prob, (tile.read.y0, tile.read.x0), ctx.model_mpp,
-                                 ctx.level0_per_model, threshold=ctx.params.threshold)
+        records = nuclei_records(
+            owned.labels,
+            prob,
+            (tile.read.y0, tile.read.x0),
+            ctx.model_mpp,
+            ctx.level0_per_model,
+            threshold=ctx.params.threshold,
+        )
     with open(files.nuclei, "w") as handle:
         for record in records:
             row = {f.name: getattr(record, f.name) for f in fields(record)}  # asdict would deep-copy polygons
@@ -113,8 +119,9 @@ def iter_tile_records(work_dir: str | Path, index: int) -> Iterator[NucleusRecor
             yield NucleusRecord(**row)
 
 
-def write_tile_vectors(work_dir: str, index: int, offset: int, leading_comma: bool, slide_name: str,
-                       geojson: bool, table: bool) -> int:
+def write_tile_vectors(
+    work_dir: str, index: int, offset: int, leading_comma: bool, slide_name: str, geojson: bool, table: bool
+) -> int:
     """Serialise a tile's nuclei (ids offset+1, offset+2, ...) as a GeoJSON piece and a Parquet piece."""
     files = tile_files(work_dir, index)
     numbered = list(enumerate(iter_tile_records(work_dir, index), start=offset + 1))

@@ -50,9 +50,7 @@ def _index_dir(directory: Path, what: str, skip_prob: bool = False) -> dict[str,
             )
         found[path.stem] = path
     if not found:
-        raise EvaluationError(
-            f"{what} folder {directory} holds no label images ({', '.join(LABEL_SUFFIXES)})"
-        )
+        raise EvaluationError(f"{what} folder {directory} holds no label images ({', '.join(LABEL_SUFFIXES)})")
     return found
 
 
@@ -60,9 +58,7 @@ def _squeeze_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
     if arr.ndim > 2:
         arr = arr.squeeze()
     if arr.ndim != 2:
-        raise EvaluationError(
-            f"{path}: expected a single-channel 2-D {what}, got shape {arr.shape}"
-        )
+        raise EvaluationError(f"{path}: expected a single-channel 2-D {what}, got shape {arr.shape}")
     return arr
 
 
@@ -73,9 +69,7 @@ def read_label_image(path: Path) -> np.ndarray:
         if path.suffix.lower() == ".png":
             with Image.open(path) as im:
                 if im.mode not in ("1", "L", "P", "I;16", "I;16B", "I;16L", "I"):
-                    raise EvaluationError(
-                        f"{path}: expected a single-channel label image, got PNG mode {im.mode}"
-                    )
+                    raise EvaluationError(f"{path}: expected a single-channel label image, got PNG mode {im.mode}")
                 arr = np.array(im)
         else:
             arr = tifffile.imread(path)
@@ -110,9 +104,7 @@ def read_prob_map(path: Path) -> np.ndarray:
     if arr.dtype == np.uint16:
         return arr / 65535.0
     if not np.issubdtype(arr.dtype, np.floating):
-        raise EvaluationError(
-            f"{path}: probability map must be uint8, uint16 or float, got dtype {arr.dtype}"
-        )
+        raise EvaluationError(f"{path}: probability map must be uint8, uint16 or float, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
         raise EvaluationError(f"{path}: probabilities must be finite and within [0, 1]")
@@ -123,9 +115,7 @@ def _find_prob(prob_dir: Path, stem: str) -> Path | None:
     candidates = [prob_dir / f"{stem}{PROB_SUFFIX}{ext}" for ext in (".png", ".npy")]
     present = [c for c in candidates if c.is_file()]
     if len(present) > 1:
-        raise EvaluationError(
-            f"{prob_dir}: both {present[0].name} and {present[1].name} exist; keep one"
-        )
+        raise EvaluationError(f"{prob_dir}: both {present[0].name} and {present[1].name} exist; keep one")
     return present[0] if present else None
 
 
@@ -185,8 +175,7 @@ def evaluate_dirs(
                 probs[stem] = found
         if missing:
             raise EvaluationError(
-                f"probability folder {prob_path} lacks <stem>{PROB_SUFFIX}.png/.npy for: "
-                + ", ".join(missing)
+                f"probability folder {prob_path} lacks <stem>{PROB_SUFFIX}.png/.npy for: " + ", ".join(missing)
             )
 
     per_image: dict[str, dict] = {}
@@ -196,8 +185,7 @@ def evaluate_dirs(
         pred = read_label_image(pred_file)
         if truth.shape != pred.shape:
             raise EvaluationError(
-                f"shape mismatch: prediction {pred_file} is {pred.shape}, "
-                f"ground truth {truth_file} is {truth.shape}"
+                f"shape mismatch: prediction {pred_file} is {pred.shape}, ground truth {truth_file} is {truth.shape}"
             )
         prob = None
         if stem in probs:

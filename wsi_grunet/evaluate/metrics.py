@@ -54,9 +54,7 @@ def _as_prob(prob: np.ndarray, name: str = "prob") -> np.ndarray:
     if arr.ndim != 2:
         raise EvaluationError(f"{name}: expected a 2-D probability map, got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool):
-        raise EvaluationError(
-            f"{name}: expected floating-point probabilities in [0, 1], got dtype {arr.dtype}"
-        )
+        raise EvaluationError(f"{name}: expected floating-point probabilities in [0, 1], got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
     if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
         raise EvaluationError(f"{name}: probabilities must be finite and within [0, 1]")
@@ -181,9 +179,7 @@ def instance_overlaps(true: np.ndarray, pred: np.ndarray) -> Overlaps:
     return Overlaps(true_area, pred_area, true_idx, pred_idx, inter, union)
 
 
-def _max_weight_matching(
-    rows: np.ndarray, cols: np.ndarray, weight: np.ndarray
-) -> np.ndarray:
+def _max_weight_matching(rows: np.ndarray, cols: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """Indices into the edge arrays of a one-to-one matching maximising the summed weight.
 
     The bipartite graph is split into connected components so the Hungarian algorithm
@@ -198,9 +194,7 @@ def _max_weight_matching(
     r_ids, r_loc = np.unique(rows, return_inverse=True)
     c_ids, c_loc = np.unique(cols, return_inverse=True)
     n_r = r_ids.size
-    graph = coo_matrix(
-        (np.ones(keep.size), (r_loc, n_r + c_loc)), shape=(n_r + c_ids.size,) * 2
-    )
+    graph = coo_matrix((np.ones(keep.size), (r_loc, n_r + c_loc)), shape=(n_r + c_ids.size,) * 2)
     _, node_comp = connected_components(graph, directed=False)
     edge_comp = node_comp[r_loc]
 
@@ -380,15 +374,9 @@ class PairCounts:
         }
         if self.has_prob:
             out["dice_thresholded"] = _ratio(2 * self.thr_inter, self.true_area + self.thr_area)
-            out["iou_thresholded"] = _ratio(
-                self.thr_inter, self.true_area + self.thr_area - self.thr_inter
-            )
-            out["soft_dice"] = (2.0 * self.soft_inter + eps) / (
-                self.true_area + self.soft_pred + eps
-            )
-            out["soft_iou"] = (self.soft_inter + eps) / (
-                self.true_area + self.soft_pred - self.soft_inter + eps
-            )
+            out["iou_thresholded"] = _ratio(self.thr_inter, self.true_area + self.thr_area - self.thr_inter)
+            out["soft_dice"] = (2.0 * self.soft_inter + eps) / (self.true_area + self.soft_pred + eps)
+            out["soft_iou"] = (self.soft_inter + eps) / (self.true_area + self.soft_pred - self.soft_inter + eps)
         dq, sq, pq = _pq_from_counts(self.tp, self.fp, self.fn, self.iou_sum)
         out.update(
             aji=_ratio(self.aji_inter, self.aji_union),

@@ -159,7 +159,9 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> ModelBundle:
         raise CheckpointError(f"{tensor_path}: checkpoint tensor file is missing")
     digest = _sha256(tensor_path)
     if verify_hash and meta["sha256"] != digest:
-        raise CheckpointError(f"{tensor_path}: SHA-256 does not match {json_path.name}; the file is damaged or replaced")
+        raise CheckpointError(
+            f"{tensor_path}: SHA-256 does not match {json_path.name}; the file is damaged or replaced"
+        )
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -179,7 +181,9 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> ModelBundle:
         )
     for name, value in tensors.items():
         if value.shape != expected[name].shape:
-            raise CheckpointError(f"{tensor_path}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{tensor_path}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
+            )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     model.eval()
     return ModelBundle(model=model, metadata=meta, source=str(tensor_path), sha256=digest)
@@ -195,9 +199,15 @@ def untrained_bundle(config: GRUNetConfig | None = None, mpp: float = 0.5, seed:
     torch.manual_seed(seed)
     model = GRUNet(config or GRUNetConfig()).eval()
     meta = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "mpp": mpp, "patch_size": 256,
-        "threshold": 0.5, "trained": False, "architecture": {"name": "grunet", **model.config.to_dict()},
-        "postprocess": {}, "training": None,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "mpp": mpp,
+        "patch_size": 256,
+        "threshold": 0.5,
+        "trained": False,
+        "architecture": {"name": "grunet", **model.config.to_dict()},
+        "postprocess": {},
+        "training": None,
     }
     return ModelBundle(model=model, metadata=meta, source="untrained (random initialisation)")
 

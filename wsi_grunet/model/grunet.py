@@ -25,10 +25,22 @@ from torch import nn
 BN_EPS = 1e-3  # Keras BatchNormalization defaults
 BN_MOMENTUM = 0.01
 TEXT_PHRASES = (
-    "tumor epithelial tissue", "necrotic tissue", "lymphocytic tissue", "tumor associated stromal tissue",
-    "coagulative necrosis", "liquefactive necrosis", "desmoplasia", "granular and non granular leukocytes",
-    "perinuclear halo", "interstitial space", "neutrophils", "macrophages", "collagen", "fibronectin",
-    "hyperplasia", "dysplasia",
+    "tumor epithelial tissue",
+    "necrotic tissue",
+    "lymphocytic tissue",
+    "tumor associated stromal tissue",
+    "coagulative necrosis",
+    "liquefactive necrosis",
+    "desmoplasia",
+    "granular and non granular leukocytes",
+    "perinuclear halo",
+    "interstitial space",
+    "neutrophils",
+    "macrophages",
+    "collagen",
+    "fibronectin",
+    "hyperplasia",
+    "dysplasia",
 )
 
 
@@ -178,9 +190,7 @@ class GaussianAttention(nn.Module):
 
     def __init__(self, cin: int, width: int, mode: str) -> None:
         super().__init__()
-        self.ups = nn.ModuleList(
-            [nn.ConvTranspose2d(cin if k == 0 else width, width, 2, stride=2) for k in range(4)]
-        )
+        self.ups = nn.ModuleList([nn.ConvTranspose2d(cin if k == 0 else width, width, 2, stride=2) for k in range(4)])
         self.text_ups = nn.ModuleList([nn.ConvTranspose2d(1, 1, 2, stride=2) for _ in range(4)])
         self.mean_head = SeparableConv1x1(width)  # shared by all four scales, as in the original
         self.std_head = SeparableConv1x1(width)

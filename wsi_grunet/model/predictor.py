@@ -76,12 +76,15 @@ def choose_device(requested: str = "auto", key: str = "model.device") -> torch.d
     device = torch.device(text)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{key}: {requested!r} needs CUDA, which is not available here (torch {torch.__version__}, "
-                              f"CUDA build: {torch.version.cuda or 'no'}); allowed here: auto or cpu")
+            raise ConfigError(
+                f"{key}: {requested!r} needs CUDA, which is not available here (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}); allowed here: auto or cpu"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"{key}: {requested!r}: this machine has {count} CUDA device(s); allowed: cuda:0 to "
-                              f"cuda:{count - 1}")
+            raise ConfigError(
+                f"{key}: {requested!r}: this machine has {count} CUDA device(s); allowed: cuda:0 to cuda:{count - 1}"
+            )
     return device
 
 
@@ -157,8 +160,15 @@ class Predictor:
     The predictor takes the bundle's model over: it is moved to the device and layout in place.
     """
 
-    def __init__(self, bundle: ModelBundle, device: str = "auto", amp: str = "auto", channels_last: Any = "auto",
-                 tta: str = "none", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        device: str = "auto",
+        amp: str = "auto",
+        channels_last: Any = "auto",
+        tta: str = "none",
+        threads: int | None = None,
+    ) -> None:
         if bundle.model is None:
             raise ConfigError(f"model.weights: {bundle.source} is not a GRU-Net model; this needs network weights")
         self.bundle = bundle
@@ -192,9 +202,14 @@ class Predictor:
     @classmethod
     def from_options(cls, bundle: ModelBundle, options: Any) -> Predictor:
         """Build from ``config.ModelOptions`` (device, amp, channels_last, tta, threads)."""
-        return cls(bundle, device=getattr(options, "device", "auto"), amp=getattr(options, "amp", "auto"),
-                   channels_last=getattr(options, "channels_last", "auto"), tta=getattr(options, "tta", "none"),
-                   threads=getattr(options, "threads", None))
+        return cls(
+            bundle,
+            device=getattr(options, "device", "auto"),
+            amp=getattr(options, "amp", "auto"),
+            channels_last=getattr(options, "channels_last", "auto"),
+            tta=getattr(options, "tta", "none"),
+            threads=getattr(options, "threads", None),
+        )
 
     def describe(self) -> dict[str, Any]:
         """The resolved settings, for reports."""
@@ -229,7 +244,7 @@ class Predictor:
         if tiles.shape[1] % 16 or tiles.shape[2] % 16:
             raise ValueError(f"tile height and width must be multiples of 16, got {tiles.shape[1:3]}")
         if self.device.type == "cpu" and len(tiles) > 1:
-            parts = [self._predict(tiles[i:i + 1]) for i in range(len(tiles))]
+            parts = [self._predict(tiles[i : i + 1]) for i in range(len(tiles))]
             return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         return self._predict(tiles)
 

@@ -62,8 +62,9 @@ def _polygonal(geom) -> Polygon | MultiPolygon:
     return MultiPolygon(parts) if len(parts) > 1 else (parts[0] if parts else Polygon())
 
 
-def nucleus_feature(record: NucleusRecord, nucleus_id: int, slide_name: str,
-                    classification: dict | None = None, where: str = "GeoJSON") -> dict:
+def nucleus_feature(
+    record: NucleusRecord, nucleus_id: int, slide_name: str, classification: dict | None = None, where: str = "GeoJSON"
+) -> dict:
     """The QuPath detection Feature of one nucleus: the one definition of the record format."""
     geom = _polygonal(shapely.set_precision(record.polygon, QUPATH_PRECISION_PX))
     if geom.is_empty:
@@ -92,12 +93,19 @@ def _compact(feature: dict) -> str:
     return json.dumps(feature, separators=(",", ":"), allow_nan=False)
 
 
-def write_feature_piece(path: str | os.PathLike, numbered_records: Iterable[tuple[int, NucleusRecord]],
-                        slide_name: str, leading_comma: bool, compresslevel: int = 6) -> int:
+def write_feature_piece(
+    path: str | os.PathLike,
+    numbered_records: Iterable[tuple[int, NucleusRecord]],
+    slide_name: str,
+    leading_comma: bool,
+    compresslevel: int = 6,
+) -> int:
     """One gzip member of comma-separated features (ids given), for :func:`assemble_gzip_collection`.
     Returns the number of features written."""
-    texts = [_compact(nucleus_feature(record, nucleus_id, slide_name, where=str(path)))
-             for nucleus_id, record in numbered_records]
+    texts = [
+        _compact(nucleus_feature(record, nucleus_id, slide_name, where=str(path)))
+        for nucleus_id, record in numbered_records
+    ]
     body = ",\n".join(texts)
     Path(path).write_bytes(gzip.compress(((",\n" if leading_comma and texts else "") + body).encode(), compresslevel))
     return len(texts)

@@ -34,14 +34,18 @@ def nucleus_schema() -> pa.Schema:
     """Arrow schema of the nucleus table, with units in field metadata."""
     fields = [pa.field("id", pa.int64(), nullable=False, metadata={"unit": "slide-wide nucleus id"})]
     fields += [pa.field(name, pa.float64(), False, metadata={"unit": "level-0 px"}) for name in POSITION_COLUMNS]
-    fields += [pa.field(attr, pa.float64(), False, metadata={"unit": _UNITS.get(attr, "1")}) for attr, _ in MEASUREMENTS]
+    fields += [
+        pa.field(attr, pa.float64(), False, metadata={"unit": _UNITS.get(attr, "1")}) for attr, _ in MEASUREMENTS
+    ]
     return pa.schema(fields, metadata={"frame": "level-0 pixels, x right, y down, pixel (0,0) covers [0,1)^2"})
 
 
 class NucleusTableWriter:
     """Context manager streaming :class:`NucleusRecord` rows to a Parquet file."""
 
-    def __init__(self, path: str | os.PathLike, rows_per_group: int = ROWS_PER_GROUP, compression: str = "zstd") -> None:
+    def __init__(
+        self, path: str | os.PathLike, rows_per_group: int = ROWS_PER_GROUP, compression: str = "zstd"
+    ) -> None:
         if rows_per_group < 1:
             raise ValueError(f"rows_per_group must be >= 1, got {rows_per_group}")
         self.path = Path(path)

@@ -97,8 +97,10 @@ def output_names(candidates: Sequence[tuple[str, str]]) -> list[str]:
         clashing = [counts[_key(name)] > 1 or _key(name) in folders for name in names]
         if not any(clashing):
             return names
-        names = [f"{name}-{path_hash(resolved)}" if clash else name
-                 for name, clash, (_, resolved) in zip(names, clashing, candidates)]
+        names = [
+            f"{name}-{path_hash(resolved)}" if clash else name
+            for name, clash, (_, resolved) in zip(names, clashing, candidates)
+        ]
     raise ValueError(f"cannot make output names unique: {sorted(names)}")
 
 
@@ -161,8 +163,7 @@ def _hidden(path: Path, root: Path) -> bool:
 
 def _folder_candidates(folder: Path) -> list[_Candidate]:
     files = sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in SLIDE_EXTENSIONS and not _hidden(p, folder) and p.is_file()
+        p for p in folder.rglob("*") if p.suffix.lower() in SLIDE_EXTENSIONS and not _hidden(p, folder) and p.is_file()
     )
     dicom: dict[Path, list[Path]] = {}
     out = []

@@ -25,8 +25,17 @@ PROPERTY_VENDOR = "openslide.vendor"
 
 # Micrometres per OME length unit (the OME schema's UnitsLength symbols and a few spellings of them).
 _OME_UNIT_UM = {
-    "pm": 1e-6, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4,
-    "m": 1e6, "in": 25400.0, "inch": 25400.0,
+    "pm": 1e-6,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+    "in": 25400.0,
+    "inch": 25400.0,
 }
 
 
@@ -140,12 +149,20 @@ def openslide_pixel_size(properties: Mapping[str, str]) -> PixelSize:
     the plausibility check applies to every source.
     """
     unit = properties.get("tiff.ResolutionUnit")
-    return pick_pixel_size([
-        ("openslide.mpp-x/y", float_or_none(properties.get(PROPERTY_MPP_X)),
-         float_or_none(properties.get(PROPERTY_MPP_Y))),
-        ("TIFF resolution tags", tiff_resolution_mpp(properties.get("tiff.XResolution"), unit),
-         tiff_resolution_mpp(properties.get("tiff.YResolution"), unit)),
-    ])
+    return pick_pixel_size(
+        [
+            (
+                "openslide.mpp-x/y",
+                float_or_none(properties.get(PROPERTY_MPP_X)),
+                float_or_none(properties.get(PROPERTY_MPP_Y)),
+            ),
+            (
+                "TIFF resolution tags",
+                tiff_resolution_mpp(properties.get("tiff.XResolution"), unit),
+                tiff_resolution_mpp(properties.get("tiff.YResolution"), unit),
+            ),
+        ]
+    )
 
 
 def ome_unit_um(unit: str | None) -> float | None:

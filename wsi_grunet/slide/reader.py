@@ -37,8 +37,15 @@ from .resample import (
 )
 
 __all__ = [
-    "PLAUSIBLE_MPP", "ReadPlan", "SlideInfo", "SlideReader", "choose_level", "describe", "geometric_downsamples",
-    "inspect_slide", "open_reader_cached",
+    "PLAUSIBLE_MPP",
+    "ReadPlan",
+    "SlideInfo",
+    "SlideReader",
+    "choose_level",
+    "describe",
+    "geometric_downsamples",
+    "inspect_slide",
+    "open_reader_cached",
 ]
 
 # Source pixels read per axis in one backend call when building thumbnails (bounds memory).

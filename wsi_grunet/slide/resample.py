@@ -158,8 +158,13 @@ def plan_at(info: SlideInfo, slide_mpp: float, mpp_source: str, target_mpp: floa
     scale = snap_scale(target_mpp / slide_mpp, downsamples)
     level = choose_level(downsamples, scale)
     return ReadPlan(
-        target_mpp=float(target_mpp), slide_mpp=float(slide_mpp), mpp_source=mpp_source, level=level,
-        scale=scale, shape=shape_at(info, scale), downsamples=downsamples,
+        target_mpp=float(target_mpp),
+        slide_mpp=float(slide_mpp),
+        mpp_source=mpp_source,
+        level=level,
+        scale=scale,
+        shape=shape_at(info, scale),
+        downsamples=downsamples,
         level_downsample=float(info.level_downsamples[level]),
     )
 

@@ -171,9 +171,11 @@ class TiffBackend:
             raise SlideOpenError(f"{path}: cannot map the TIFF's tiles ({exc})") from None
         width, height = dims[0]
         size = _pixel_size(tif, index, width, height)
-        associated = tuple(sorted(
-            s.name.lower() for k, s in enumerate(tif.series) if k != index and (s.name or "").lower() in _ASSOCIATED
-        ))
+        associated = tuple(
+            sorted(
+                s.name.lower() for k, s in enumerate(tif.series) if k != index and (s.name or "").lower() in _ASSOCIATED
+            )
+        )
         self._properties: dict[str, str] = {"tifffile.series": str(series.kind), "tifffile.axes": series.axes}
         self.info = SlideInfo(
             path=self.path,
