@@ -17,7 +17,3 @@ def id_offsets(tile_indices: Iterable[int], counts: Mapping[int, int]) -> dict[i
         offsets[index] = total
         total += counts.get(index, 0)
     return offsets
-
-
-def total_nuclei(counts: Mapping[int, int]) -> int:
-    return sum(counts.values())

@@ -136,18 +136,6 @@ def largest_polygon(geom) -> Polygon:
     return max(parts, key=lambda p: p.area) if parts else Polygon()
 
 
-def moment_axes(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float, float]:
-    """Major and minor axis length (pixels) and eccentricity of the ellipse with the same second moments."""
-    dy = ys - ys.mean()
-    dx = xs - xs.mean()
-    cyy, cxx, cxy = float(np.mean(dy * dy)), float(np.mean(dx * dx)), float(np.mean(dx * dy))
-    half_trace = (cyy + cxx) / 2.0
-    spread = math.sqrt(max(((cyy - cxx) / 2.0) ** 2 + cxy * cxy, 0.0))
-    l1, l2 = half_trace + spread, max(half_trace - spread, 0.0)
-    eccentricity = math.sqrt(1.0 - l2 / l1) if l1 > 0 else 0.0
-    return 4.0 * math.sqrt(l1), 4.0 * math.sqrt(l2), eccentricity
-
-
 def circularity(area: float, perimeter: float) -> float:
     """4*pi*A/P^2 clipped to [0, 1] (1 for a disc; 0 for a degenerate outline)."""
     if perimeter <= 0:
