@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="segment nuclei in whole slides",
         description="Segment nuclei in every slide given (files, or folders searched for slide files). "
-        "Writes <out>/<slide-stem>/ with <stem>.ome.zarr, nuclei.geojson.gz, nuclei.parquet, "
-        "report.json and preview.png. Exit code 1 when any slide failed.",
+        "Writes <out>/<name>/ (name: the slide's path under the folder given, without its suffix) with "
+        "<leaf>.ome.zarr, nuclei.geojson.gz, nuclei.parquet, report.json and preview.png, plus cohort.csv, "
+        "run_summary.json and index.html in <out>. Exit code 1 when any slide failed.",
     )
     run.add_argument("slides", nargs="*", metavar="SLIDES", help="slide files or folders")
     run.add_argument(
