@@ -3,6 +3,8 @@ GRU-Nets on CPU; the equivariance checks hold for any weights)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -194,3 +196,35 @@ def test_without_tta_the_untrained_model_is_not_equivariant():
     turn = Transform(1)
     moved = predictor.predict(_apply_np(turn, tiles, True))["prob"]
     assert np.abs(moved - _apply_np(turn, predictor.predict(tiles)["prob"], False)).max() > 1e-4
+
+
+_HEAP_SCRIPT = """
+import os, sys
+import numpy as np
+from wsi_grunet.model.cpu_heap import retain_freed_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_memory() and retain_freed_memory()  # idempotent
+def resident_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+before = resident_mb()
+block = np.ones(256 * 2**20, np.uint8)  # 256 MB: far above glibc's largest mmap threshold
+del block
+print(resident_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_retained_heap_keeps_a_freed_large_block_for_the_next_pass():
+    """glibc's default maps a 256 MB block and unmaps it on free (the next pass faults in fresh
+    pages); once freed memory is retained, the block stays in the heap for the next allocation."""
+    kept = {}
+    for mode in ("default", "retain"):
+        run = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT, mode], capture_output=True, text=True, check=True)
+        kept[mode] = float(run.stdout.split()[-1])
+    assert kept["default"] < 16, kept
+    assert kept["retain"] > 240, kept
+
+
+def test_cpu_predictor_keeps_freed_memory():
+    assert Predictor(_bundle(), "cpu", threads=1).describe()["heap_retained"] is sys.platform.startswith("linux")

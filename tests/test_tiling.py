@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from wsi_grunet.errors import ConfigError
-from wsi_grunet.geometry import Box
-from wsi_grunet.tiling import Tile, grid_shape, neighbours, plan_tiles, tile_for_point
+from wsi_grunet.tiling import EDGE_STEP, Tile, grid_shape, neighbours, plan_tiles, same_shape_batches, tile_for_point
 
 SHAPES = [(1, 1), (1, 300), (257, 1), (64, 64), (96, 160), (100, 230), (1024, 2048), (1000, 999)]
 SIZES = [(64, 16), (64, 0), (96, 32), (1152, 64), (48, 16)]
@@ -28,14 +27,47 @@ def test_cores_partition_the_slide(shape, tile_size, halo):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tile_size,halo", SIZES)
-def test_read_boxes_are_tile_sized_aligned_and_centred_on_cores(shape, tile_size, halo):
-    core = tile_size - 2 * halo
+def test_read_boxes_are_aligned_and_hold_core_and_halo(shape, tile_size, halo):
     for tile in plan_tiles(shape, tile_size, halo):
-        assert tile.read.shape == (tile_size, tile_size)
         assert tile.read.y0 % 16 == 0 and tile.read.x0 % 16 == 0
-        # the read box is the full-size core grown by the halo (clipped cores keep the same read)
-        assert tile.read == Box(tile.core.y0, tile.core.x0, tile.core.y0 + core, tile.core.x0 + core).grow(halo)
-        assert tile.read.intersect(tile.core) == tile.core
+        assert tile.read.height % 16 == 0 and tile.read.width % 16 == 0
+        # every read starts a halo before its core and holds the core plus a halo on each side
+        assert (tile.read.y0, tile.read.x0) == (tile.core.y0 - halo, tile.core.x0 - halo)
+        assert tile.read.y1 >= tile.core.y1 + halo and tile.read.x1 >= tile.core.x1 + halo
+        assert tile.read.height <= tile_size and tile.read.width <= tile_size
+        full_rows = tile.core.height == tile_size - 2 * halo
+        full_cols = tile.core.width == tile_size - 2 * halo
+        # a full core reads the whole tile; a clipped edge core reads less, in EDGE_STEP steps
+        assert (
+            (tile.read.height == tile_size)
+            if full_rows
+            else (tile.read.height - 2 * halo < tile.core.height + EDGE_STEP)
+        )
+        assert (
+            (tile.read.width == tile_size) if full_cols else (tile.read.width - 2 * halo < tile.core.width + EDGE_STEP)
+        )
+
+
+def test_edge_reads_are_fitted_on_a_small_slide():
+    """The packaged example slide's model image (2961 x 2216) at the default tiles: the last row and
+    column read only what their clipped cores and halos need."""
+    tiles = plan_tiles((2961, 2216), 1152, 64)
+    shapes = {(t.row, t.col): t.read.shape for t in tiles}
+    assert shapes[(0, 0)] == (1152, 1152)
+    assert shapes[(0, 2)] == (1152, 320)  # core 168 wide + 2 x 64 = 296 -> 320
+    assert shapes[(2, 0)] == (1088, 1152)  # core 913 high + 128 = 1041 -> 1088
+    assert shapes[(2, 2)] == (1088, 320)
+    read = sum(t.read.height * t.read.width for t in tiles)
+    assert read < 0.76 * len(tiles) * 1152 * 1152
+
+
+def test_same_shape_batches_keep_order_and_never_mix_shapes():
+    tiles = plan_tiles((2961, 2216), 1152, 64)
+    batches = same_shape_batches(tiles, 2)
+    assert [t.index for b in batches for t in b] == [t.index for t in tiles]
+    assert all(len(b) <= 2 and len({t.read.shape for t in b}) == 1 for b in batches)
+    # row 0: two full tiles, one edge tile; so a batch of 2 never holds the edge tile with another
+    assert [[t.index for t in b] for b in batches[:2]] == [[0, 1], [2]]
 
 
 def test_indices_are_row_major_and_match_grid_shape():

@@ -31,7 +31,7 @@ from .model.checkpoint import ModelBundle, resolve_weights
 from .plan import SlidePlan
 from .slide.reader import open_reader_cached
 from .tile_work import TileContext, TileResult, process_tile
-from .tiling import Tile
+from .tiling import Tile, same_shape_batches
 
 log = logging.getLogger(__name__)
 GPU_RESOURCE = "GPU"
@@ -187,8 +187,12 @@ class DriverBackend:
                     start = time.perf_counter()
                     future = next(reads)  # blocks until a read is done
                     timings["read_wait_s"] += time.perf_counter() - start
-                    batch.append((tile_of.pop(future.key), future.result()))
+                    tile, image = tile_of.pop(future.key), future.result()
                     future.release()
+                    if batch and image.shape != batch[0][1].shape:  # a fitted edge tile: one shape per batch
+                        predict(batch)
+                        batch = []
+                    batch.append((tile, image))
                 elif batch:
                     predict(batch)
                     batch = []
@@ -268,7 +272,7 @@ class WorkerBackend:
 
     def run(self, plan: SlidePlan, ctx: TileContext, ledger: TaskLedger, progress: bool) -> TileRun:
         tiles = plan.tiles_to_run()
-        batches = deque(tiles[i : i + self.batch_size] for i in range(0, len(tiles), self.batch_size))
+        batches = deque(same_shape_batches(tiles, self.batch_size))
         reader_args = plan.reader_args()
         in_flight: list[Future] = []
         model_s: list[Future] = []

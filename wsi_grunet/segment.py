@@ -16,7 +16,7 @@ from .geometry import Box
 from .model.checkpoint import ModelBundle
 from .model.predictor import Predictor, predict_image
 from .postprocess import PostprocessParams, label_nuclei
-from .tiling import plan_tiles
+from .tiling import plan_tiles, same_shape_batches
 from .train.data import read_rgb, resample_image, resample_labels
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,8 @@ def predict_tiled(
         return predict_image(predictor, image)
     maps: dict[str, np.ndarray] = {}
     tiles = plan_tiles((height, width), tile_size, halo)
-    for start in range(0, len(tiles), max(1, batch_size)):
-        group = tiles[start : start + max(1, batch_size)]
-        patches = np.full((len(group), tile_size, tile_size, 3), 255, np.uint8)
+    for group in same_shape_batches(tiles, max(1, batch_size)):
+        patches = np.full((len(group), *group[0].read.shape, 3), 255, np.uint8)
         for patch, tile in zip(patches, group):
             box = tile.read.intersect(Box(0, 0, height, width))
             patch[box.relative_to(tile.read).slices()] = image[box.slices()]

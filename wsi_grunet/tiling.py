@@ -2,9 +2,12 @@
 
 A slide of shape (H, W) is cut into a regular grid of *cores* of side ``core = tile_size - 2*halo``
 starting at (0, 0); the last row and column of cores are clipped to the slide, so the cores
-partition ``[0, H) x [0, W)`` exactly: every pixel belongs to one core. Each tile *reads* the core
-grown by ``halo`` on every side, always ``tile_size x tile_size``, possibly reaching past the slide
-(those pixels read as white glass).
+partition ``[0, H) x [0, W)`` exactly: every pixel belongs to one core. Each tile *reads* its core
+grown by ``halo`` on every side: ``tile_size x tile_size`` for a full core. A clipped core at the
+slide's bottom or right edge reads only its own extent plus the halo, rounded up to ``EDGE_STEP``
+(never more than ``tile_size``): the model pixels it skips lie more than a halo past the slide,
+white glass that no owned nucleus can see, and on CPU they were a quarter of the model's work on a
+small slide. The read still reaches at least a halo past the slide (read as white glass).
 
 ``tile_size`` and ``halo`` are multiples of 16, hence so is ``core`` and every read origin
 ``core * k - halo``. The U-Net pools four times by 2, so its pooling cells are 16-pixel blocks
@@ -22,6 +25,7 @@ from .errors import ConfigError
 from .geometry import Box
 
 ALIGNMENT = 16  # 2**4: four 2x poolings in the U-Net
+EDGE_STEP = 64  # fitted edge reads grow in steps of this: few distinct shapes (GPU autotuning, batches)
 
 
 class TilingError(ConfigError, ValueError):
@@ -62,6 +66,12 @@ def grid_shape(shape: tuple[int, int], tile_size: int, halo: int) -> tuple[int, 
     return (math.ceil(shape[0] / core), math.ceil(shape[1] / core))
 
 
+def read_extent(core_extent: int, tile_size: int, halo: int) -> int:
+    """Pixels a tile reads along one axis for a core of ``core_extent``: the core and a halo on
+    both sides, rounded up to a multiple of ``EDGE_STEP``, at most ``tile_size``."""
+    return min(tile_size, -(-(core_extent + 2 * halo) // EDGE_STEP) * EDGE_STEP)
+
+
 def tile_at(row: int, col: int, shape: tuple[int, int], tile_size: int, halo: int) -> Tile:
     """The tile in grid cell (row, col)."""
     core = _check(shape, tile_size, halo)
@@ -70,7 +80,9 @@ def tile_at(row: int, col: int, shape: tuple[int, int], tile_size: int, halo: in
         raise IndexError(f"tile ({row}, {col}) outside the {rows} x {cols} grid")
     y0, x0 = row * core, col * core
     core_box = Box(y0, x0, min(y0 + core, shape[0]), min(x0 + core, shape[1]))
-    read_box = Box(y0 - halo, x0 - halo, y0 - halo + tile_size, x0 - halo + tile_size)
+    height = read_extent(core_box.y1 - y0, tile_size, halo)
+    width = read_extent(core_box.x1 - x0, tile_size, halo)
+    read_box = Box(y0 - halo, x0 - halo, y0 - halo + height, x0 - halo + width)
     return Tile(index=row * cols + col, row=row, col=col, core=core_box, read=read_box)
 
 
@@ -78,6 +90,19 @@ def plan_tiles(shape: tuple[int, int], tile_size: int, halo: int) -> list[Tile]:
     """All tiles in index order (row-major). Raises TilingError (a ConfigError) for invalid sizes."""
     rows, cols = grid_shape(shape, tile_size, halo)
     return [tile_at(r, c, shape, tile_size, halo) for r in range(rows) for c in range(cols)]
+
+
+def same_shape_batches(tiles: list[Tile], batch_size: int) -> list[list[Tile]]:
+    """Consecutive tiles in batches of up to ``batch_size`` whose read boxes share one shape
+    (a batch is one array: a fitted edge tile starts a batch of its own shape)."""
+    batches: list[list[Tile]] = []
+    for tile in tiles:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and last[0].read.shape == tile.read.shape:
+            last.append(tile)
+        else:
+            batches.append([tile])
+    return batches
 
 
 def neighbours(tile: Tile, grid: tuple[int, int]) -> list[int]:

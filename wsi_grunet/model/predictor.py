@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import ModelBundle
+from .cpu_heap import retain_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +180,13 @@ class Predictor:
         if self.device.type == "cpu":
             self.threads = self.threads or available_cores()
             torch.set_num_threads(self.threads)
+            self.heap_retained = retain_freed_memory()  # 1.7x faster 1152-px passes, see cpu_heap
             if amp_choice == "auto":
                 amp_choice = "bf16" if self.native_bf16 else "fp32"
             # channels-last is faster in both precisions on CPU (oneDNN's native layout)
             self.channels_last = True if layout_choice is None else layout_choice
         else:
+            self.heap_retained = False
             if amp_choice == "auto":
                 amp_choice = "bf16"
             # measured on an H200: channels-last was no faster, and slower at batch 32
@@ -221,6 +224,7 @@ class Predictor:
             "tta": self.tta,
             "tta_passes": len(self.transforms),
             "threads": self.threads if self.device.type == "cpu" else None,
+            "heap_retained": self.heap_retained,
             "cpu_native_bf16": self.native_bf16,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self.device.type == "cuda" else None,
         }

@@ -32,6 +32,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..evaluate.metrics import pair_counts
 from ..model.checkpoint import checkpoint_paths, load_checkpoint, packaged_weights, save_checkpoint
+from ..model.cpu_heap import retain_freed_memory
 from ..model.grunet import GRUNet, GRUNetConfig
 from ..model.predictor import available_cores, choose_device, cpu_has_native_bf16
 from ..postprocess import PostprocessParams, label_nuclei
@@ -404,8 +405,10 @@ def train(
     start = time.monotonic()
     torch.manual_seed(cfg.seed)
     speed = resolve_speed(cfg)
-    if speed.device.type == "cpu" and speed.threads:
-        torch.set_num_threads(speed.threads)
+    if speed.device.type == "cpu":
+        retain_freed_memory()  # activations and gradients are re-allocated every step: no page faults
+        if speed.threads:
+            torch.set_num_threads(speed.threads)
     data = load_training_data(folders, cfg, labels_dir, mpp)
     val = data.select or data.train[:1]
     model, init = initial_model(cfg)
