@@ -228,3 +228,11 @@ def test_retained_heap_keeps_a_freed_large_block_for_the_next_pass():
 
 def test_cpu_predictor_keeps_freed_memory():
     assert Predictor(_bundle(), "cpu", threads=1).describe()["heap_retained"] is sys.platform.startswith("linux")
+
+
+def test_auto_tta_depends_on_workload_on_cpu():
+    """Slides on a CPU run one pass (the model dominates the run time); annotated images get the flips."""
+    assert Predictor(_bundle(), "cpu", tta="auto", threads=1).tta == "none"
+    images = Predictor(_bundle(), "cpu", tta="auto", threads=1, workload="images")
+    assert images.tta == "flips" and len(images.transforms) == 4
+    assert Predictor(_bundle(), "cpu", tta="rot4", threads=1, workload="images").tta == "rot4"  # explicit wins

@@ -139,7 +139,7 @@ def _segment_images(cfg, images: str, out: str, image_mpp: float, save_probabili
 
     bundle = resolve_weights(cfg.model.weights)
     _mark_untrained(bundle)
-    predictor = Predictor.from_options(bundle, cfg.model)
+    predictor = Predictor.from_options(bundle, cfg.model, workload="images")
     batch_size = cfg.model.batch_size if predictor.device.type == "cuda" else 1
     results = segment_folder(
         Path(images),

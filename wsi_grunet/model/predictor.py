@@ -2,7 +2,7 @@
 
 Speed settings resolve per device (``auto``): on a CPU with native bf16 (AVX-512 BF16 or AMX) the
 model runs under bf16 autocast in channels-last layout, otherwise in float32 channels-last; on CUDA
-under bf16 autocast in NCHW with cuDNN autotuning (tile shapes are fixed). Test-time augmentation
+under bf16 autocast in NCHW with cuDNN autotuning (a slide has at most four tile shapes). Test-time augmentation
 (TTA) averages the probabilities over flips/rotations after undoing each one; every transform is
 applied to every tile alike, so stitched slides stay independent of the tiling.
 """
@@ -33,7 +33,11 @@ _AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": to
 # Every transform is one more forward pass. CPU: the model dominates the run time, so four passes
 # would nearly quadruple it for about +0.02 AJI. CUDA: post-processing on the CPU workers bounds
 # throughput, and rot4 gained more than flips at the same cost.
-AUTO_TTA = {"cpu": "none", "cuda": "rot4"}
+# ``tta: auto`` per workload and device, chosen by measurement (README, "Test-time augmentation"):
+# on a CPU the model dominates a slide's run time, so slides get none; a few annotated images cost
+# seconds, so they get the flips (+0.014 AJI on the report images); on CUDA the CPU post-processing
+# bounds throughput and four passes come almost free.
+AUTO_TTA = {"slides": {"cpu": "none", "cuda": "rot4"}, "images": {"cpu": "flips", "cuda": "rot4"}}
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,7 @@ class Predictor:
 
     ``amp``: auto | bf16 | fp16 | fp32 (autocast precision; fp32 = none); ``channels_last``: auto |
     True | False; ``tta``: auto | none | flips | rot4 | dihedral; ``threads``: CPU threads (None: the
-    cores this process may use). ``auto`` values resolve for the device, see the module docstring.
+    cores this process may use); ``workload``: slides | images, what ``tta: auto`` is chosen for. ``auto`` values resolve for the device, see the module docstring.
     The predictor takes the bundle's model over: it is moved to the device and layout in place.
     """
 
@@ -169,6 +173,7 @@ class Predictor:
         channels_last: Any = "auto",
         tta: str = "none",
         threads: int | None = None,
+        workload: str = "slides",
     ) -> None:
         if bundle.model is None:
             raise ConfigError(f"model.weights: {bundle.source} is not a GRU-Net model; this needs network weights")
@@ -194,7 +199,7 @@ class Predictor:
             torch.backends.cudnn.benchmark = True  # tile shapes are fixed: autotune once per shape
         self.amp = amp_choice
         self.amp_dtype = _AMP_DTYPES[amp_choice]
-        self.tta = AUTO_TTA[self.device.type] if tta_choice == "auto" else tta_choice
+        self.tta = AUTO_TTA[workload][self.device.type] if tta_choice == "auto" else tta_choice
         self.transforms = TTA_TRANSFORMS[self.tta]
         self.model = bundle.model.to(self.device).eval()
         if self.channels_last:
@@ -203,8 +208,9 @@ class Predictor:
         self._pinned: dict[tuple[int, ...], torch.Tensor] = {}
 
     @classmethod
-    def from_options(cls, bundle: ModelBundle, options: Any) -> Predictor:
-        """Build from ``config.ModelOptions`` (device, amp, channels_last, tta, threads)."""
+    def from_options(cls, bundle: ModelBundle, options: Any, workload: str = "slides") -> Predictor:
+        """Build from ``config.ModelOptions`` (device, amp, channels_last, tta, threads); ``workload``
+        (slides | images) picks what ``tta: auto`` means."""
         return cls(
             bundle,
             device=getattr(options, "device", "auto"),
@@ -212,6 +218,7 @@ class Predictor:
             channels_last=getattr(options, "channels_last", "auto"),
             tta=getattr(options, "tta", "none"),
             threads=getattr(options, "threads", None),
+            workload=workload,
         )
 
     def describe(self) -> dict[str, Any]:
