@@ -236,3 +236,17 @@ def test_auto_tta_depends_on_workload_on_cpu():
     images = Predictor(_bundle(), "cpu", tta="auto", threads=1, workload="images")
     assert images.tta == "flips" and len(images.transforms) == 4
     assert Predictor(_bundle(), "cpu", tta="rot4", threads=1, workload="images").tta == "rot4"  # explicit wins
+
+
+def test_retain_heap_false_leaves_the_allocator_alone():
+    script = (
+        "from wsi_grunet.config import load_config\n"
+        "from wsi_grunet.model.checkpoint import untrained_bundle\n"
+        "from wsi_grunet.model.grunet import GRUNetConfig\n"
+        "from wsi_grunet.model.predictor import Predictor\n"
+        "cfg = load_config(None, [{'model': {'retain_heap': False, 'device': 'cpu', 'threads': 1}}])\n"
+        "bundle = untrained_bundle(GRUNetConfig(base_filters=4, attention_width=8), seed=0)\n"
+        "print(Predictor.from_options(bundle, cfg.model).describe()['heap_retained'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run.stdout.split()[-1] == "False"

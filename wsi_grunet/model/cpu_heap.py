@@ -43,3 +43,8 @@ def retain_freed_memory() -> bool:
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
     log.debug("freed memory kept in the heap: %s", _applied)
     return _applied
+
+
+def heap_retained() -> bool:
+    """Whether this process keeps freed memory (set by any earlier :func:`retain_freed_memory`)."""
+    return bool(_applied)
