@@ -19,10 +19,8 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,44 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 TIA_PYTHON = ROOT / ".venv-tiatoolbox" / "bin" / "python"
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (0 when it is gone)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds and peak process-tree RSS, sampled every 0.2 s."""
-    start = time.perf_counter()
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        peak = [0]
+    """Run ``cmd``; wall seconds and the peak process-tree memory (RSS and PSS sums, sampled every 0.2 s)."""
+    from process_memory import run_measured  # benchmarks/ is on sys.path when run as a script
 
-        def sample() -> None:
-            while proc.poll() is None:
-                peak[0] = max(peak[0], tree_rss(proc.pid))
-                time.sleep(0.2)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        code = proc.wait()
-        thread.join()
-    wall = time.perf_counter() - start
-    if code:
-        sys.exit(f"error: {cmd[:3]} exited {code}; see {log}:\n{log.read_text()[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_tree_gb": round(peak[0] / 1e9, 3), "command": " ".join(cmd)}
+    measured = run_measured(cmd, cwd=ROOT, env=env, log=log, interval=0.2)
+    if measured["code"]:
+        sys.exit(f"error: {cmd[:3]} exited {measured['code']}; see {log}:\n{log.read_text()[-3000:]}")
+    return {
+        "wall_s": round(measured["wall_s"], 2),
+        "peak_rss_tree_gb": round(measured["peak_rss_bytes"] / 1e9, 3),
+        "peak_pss_tree_gb": round(measured["peak_pss_bytes"] / 1e9, 3),
+        "command": " ".join(cmd),
+    }
 
 
 def tiatoolbox_side(args: argparse.Namespace) -> None:
@@ -208,6 +181,7 @@ def main() -> None:
         "wsi_grunet": ours,
         "wall_time_ratio_tiatoolbox_over_wsi_grunet": round(tia["wall_s"] / ours["wall_s"], 3),
         "peak_memory_ratio_tiatoolbox_over_wsi_grunet": round(tia["peak_rss_tree_gb"] / ours["peak_rss_tree_gb"], 3),
+        "peak_pss_ratio_tiatoolbox_over_wsi_grunet": round(tia["peak_pss_tree_gb"] / ours["peak_pss_tree_gb"], 3),
         "foreground_dice": round(dice(tia_mask, ours_mask), 4),
         "foreground_fraction": {
             "tiatoolbox": round(float(tia_mask.mean()), 4),

@@ -16,50 +16,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
-
-
-def sample_tree_memory(pid: int, stop: threading.Event, peak: dict[str, float], interval: float = 0.1) -> None:
-    """Peak of the summed RSS of a process and all its descendants (sampled)."""
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    while not stop.is_set():
-        total = 0
-        try:
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-        except psutil.NoSuchProcess:
-            break
-        peak["rss_bytes"] = max(peak.get("rss_bytes", 0), total)
-        stop.wait(interval)
-
-
-def run_command(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak summed RSS (bytes) and exit code of a command."""
-    peak: dict[str, float] = {}
-    stop = threading.Event()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    sampler = threading.Thread(target=sample_tree_memory, args=(proc.pid, stop, peak), daemon=True)
-    sampler.start()
-    code = proc.wait()
-    wall = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    return wall, peak.get("rss_bytes", 0.0), code
+from process_memory import run_measured  # benchmarks/ is on sys.path when run as a script
 
 
 def model_only(slide: Path, weights: str | None, options_overrides: list[dict], n_batches: int) -> dict:
@@ -134,7 +97,9 @@ def main() -> int:
             cmd += ["--weights", args.weights]
         if args.tile_size:
             cmd += ["--tile-size", str(args.tile_size)]
-        wall, peak_rss, code = run_command(cmd)
+        measured = run_measured(cmd)
+        wall, code = measured["wall_s"], measured["code"]
+        peak_rss, peak_pss = measured["peak_rss_bytes"], measured["peak_pss_bytes"]
         reports = sorted(out.rglob("report.json"))
         if code != 0 or not reports:
             print(f"the run failed (exit code {code})", file=sys.stderr)
@@ -158,6 +123,7 @@ def main() -> int:
         "tissue_mm2_per_s": tissue_mm2 / wall,
         "nuclei_per_s": counts["nuclei"] / wall,
         "peak_rss_gb_all_processes": peak_rss / 1e9,
+        "peak_pss_gb_all_processes": peak_pss / 1e9,
         "model_busy_share_of_tile_phase": timings.get("inference_s", 0.0) / timings["tiles_s"],
         "model_busy_share_of_wall": timings.get("inference_s", 0.0) / wall,
         "stages_s": {

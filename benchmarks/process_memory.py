@@ -1,0 +1,65 @@
+"""Peak memory of a command's whole process tree (the command and every process it starts).
+
+Two sums, sampled every ``interval`` seconds: RSS counts pages shared between processes (the torch
+and numpy libraries every Dask worker maps) once per process; PSS splits each shared page among the
+processes that map it, so its sum is what the tree really holds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(summed RSS, summed PSS) in bytes of a process and its descendants; (0, 0) when it is gone."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    rss = pss = 0
+    for proc in procs:
+        try:
+            info = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)  # PSS is Linux-only
+    return rss, pss
+
+
+def run_measured(
+    cmd: list[str], cwd: Path | None = None, env: dict | None = None, log: Path | None = None, interval: float = 0.1
+) -> dict[str, Any]:
+    """Run ``cmd`` to its end: wall seconds, exit code and the peaks of both sums (bytes)."""
+    peak = {"rss": 0, "pss": 0}
+    start = time.perf_counter()
+    handle = open(log, "w") if log else None
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT if handle else None)
+
+        def sample() -> None:
+            while proc.poll() is None:
+                rss, pss = tree_memory(proc.pid)
+                peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+                time.sleep(interval)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        sampler.join()
+    finally:
+        if handle:
+            handle.close()
+    return {
+        "wall_s": time.perf_counter() - start,
+        "code": code,
+        "peak_rss_bytes": peak["rss"],
+        "peak_pss_bytes": peak["pss"],
+    }
