@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train GRU-Net on annotated tiles",
         description="Trains on folders with images/ and instance labels (labels_instance/, "
         "masks_instance_filled/ or --labels-dir). Keeps the checkpoint with the best "
-        "validation soft Dice; rerunning with the same --out resumes.",
+        "score on the select validation images (select_by: AJI by default; the starting weights compete "
+        "too); the resumable state is saved beside it, so rerunning with the same --out continues the run.",
     )
     tr.add_argument("--data", nargs="+", required=True, help="dataset folders")
     tr.add_argument("--out", required=True, help="checkpoint path (writes .safetensors and .json)")
