@@ -357,7 +357,7 @@ class ModelOptions:
     channels_last: bool | Literal["auto"] = "auto"  # memory layout of the input batch
     threads: int | None = option(None, min=1)  # CPU threads of the model; None: the cores available
     tta: Literal["auto", "none", "flips", "rot4", "dihedral"] = "auto"  # test-time augmentation
-    retain_heap: bool = True  # CPU: keep freed memory in the heap (1.7x faster passes, ~1.2 GB more resident)
+    retain_heap: bool = True  # CPU: keep freed memory in the heap (1.7x faster passes, 1.2-2.4 GB more resident)
     backend: Literal["driver", "workers"] = "driver"  # model in the driver process, or on GPU-resource workers
 
 

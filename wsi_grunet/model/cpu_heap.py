@@ -5,7 +5,8 @@ returns it to the system on ``free``. A GRU-Net forward pass on a 1152-pixel til
 activation tensors of 40-350 MB, so each pass faults in gigabytes of new zero pages: measured on a
 2-core AVX-512 machine, 14.0 s per 1152-pixel tile with the default allocator, 8.4 s with the heap
 kept (the convolutions themselves run at the cores' bf16 peak either way). The price is that the
-process keeps its peak working set resident between passes, about 1.2 GB more at 1152 px.
+process keeps its peak working set resident between passes: at 1152 px 1.2 GB more with one tile
+shape, up to 2.3 GB more after several shapes (the heap fragments).
 """
 
 from __future__ import annotations

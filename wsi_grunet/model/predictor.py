@@ -2,8 +2,8 @@
 
 Speed settings resolve per device (``auto``): on a CPU with native bf16 (AVX-512 BF16 or AMX) the
 model runs under bf16 autocast in channels-last layout, otherwise in float32 channels-last; on CUDA
-under bf16 autocast in NCHW with cuDNN autotuning (a slide has at most four tile shapes). Test-time augmentation
-(TTA) averages the probabilities over flips/rotations after undoing each one; every transform is
+under bf16 autocast in NCHW with cuDNN autotuning (a slide has at most four tile shapes).
+Test-time augmentation (TTA) averages the probabilities over flips/rotations after undoing each one; every transform is
 applied to every tile alike, so stitched slides stay independent of the tiling.
 """
 
@@ -30,13 +30,11 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 TTA_CHOICES = ("auto", "none", "flips", "rot4", "dihedral")
 _AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # tta: auto, per device type (benchmarks/tta_and_resolution.py, README "Speed and accuracy settings").
-# Every transform is one more forward pass. CPU: the model dominates the run time, so four passes
-# would nearly quadruple it for about +0.02 AJI. CUDA: post-processing on the CPU workers bounds
+# ``tta: auto`` per workload and device, chosen by measurement (README, "Test-time augmentation").
+# Every transform is one more forward pass. Slides on a CPU: the model dominates the run time, so
+# four passes would nearly quadruple it; none. Annotated images on a CPU: four passes cost seconds;
+# the flips (+0.014 AJI on the report images). CUDA: post-processing on the CPU workers bounds
 # throughput, and rot4 gained more than flips at the same cost.
-# ``tta: auto`` per workload and device, chosen by measurement (README, "Test-time augmentation"):
-# on a CPU the model dominates a slide's run time, so slides get none; a few annotated images cost
-# seconds, so they get the flips (+0.014 AJI on the report images); on CUDA the CPU post-processing
-# bounds throughput and four passes come almost free.
 AUTO_TTA = {"slides": {"cpu": "none", "cuda": "rot4"}, "images": {"cpu": "flips", "cuda": "rot4"}}
 
 
@@ -162,7 +160,8 @@ class Predictor:
     ``amp``: auto | bf16 | fp16 | fp32 (autocast precision; fp32 = none); ``channels_last``: auto |
     True | False; ``tta``: auto | none | flips | rot4 | dihedral; ``threads``: CPU threads (None: the
     cores this process may use); ``workload``: slides | images, what ``tta: auto`` is chosen for;
-    ``retain_heap``: on CPU, keep freed memory in the process heap (see ``cpu_heap``). ``auto`` values resolve for the device, see the module docstring.
+    ``retain_heap``: on CPU, keep freed memory in the process heap (see ``cpu_heap``). ``auto``
+    values resolve for the device, see the module docstring.
     The predictor takes the bundle's model over: it is moved to the device and layout in place.
     """
 
