@@ -1,6 +1,6 @@
 """Side by side on one slide: TIAToolbox's SemanticSegmentor running GRU-Net (adapter) vs `wsi-grunet run`.
 
-Same weights, same tiles (1152 px read, 1024 px kept, 0.5 um/px), same CPU precision (bf16 autocast,
+Same weights, same tiles (the run defaults: 1280 px read, 1024 px kept, 0.5 um/px), same CPU precision (bf16 autocast,
 channels-last, where the CPU has native bf16) on this machine. Each side runs as its own subprocess: TIAToolbox
 in .venv-tiatoolbox (``bash benchmarks/setup_tiatoolbox_env.sh``), wsi-grunet in the current environment.
 Reported: wall time of each command and their ratio, peak memory summed over each process tree (psutil,
@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from wsi_grunet.config import DEFAULT_HALO, DEFAULT_TILE_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 TIA_PYTHON = ROOT / ".venv-tiatoolbox" / "bin" / "python"
@@ -101,8 +103,8 @@ def main() -> None:
     parser.add_argument("--slide", required=True)
     parser.add_argument("--out", required=True, help="JSON report")
     parser.add_argument("--weights", default=None, help="checkpoint; default: the packaged weights")
-    parser.add_argument("--patch", type=int, default=1152)
-    parser.add_argument("--halo", type=int, default=64)
+    parser.add_argument("--patch", type=int, default=DEFAULT_TILE_SIZE)
+    parser.add_argument("--halo", type=int, default=DEFAULT_HALO)
     parser.add_argument("--tiatoolbox-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mask-out", help=argparse.SUPPRESS)
     args = parser.parse_args()

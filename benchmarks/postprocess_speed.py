@@ -28,6 +28,7 @@ import numpy as np
 import shapely
 from PIL import Image
 
+from wsi_grunet.config import DEFAULT_HALO, DEFAULT_TILE_SIZE
 from wsi_grunet.geometry import Box
 from wsi_grunet.model.null_model import NullModel
 from wsi_grunet.outputs.polygons import nuclei_records
@@ -88,8 +89,8 @@ def serialise(records) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--tile-size", type=int, default=1152)
-    parser.add_argument("--halo", type=int, default=64)
+    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE)
+    parser.add_argument("--halo", type=int, default=DEFAULT_HALO)
     parser.add_argument("--tiles", type=int, default=4)
     parser.add_argument("--threshold", type=float, default=0.6)  # the packaged weights' threshold
     parser.add_argument("--out", type=Path, default=None)

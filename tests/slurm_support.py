@@ -37,6 +37,7 @@ RUN_SETTINGS = [
     "--quiet",
     "--set",
     "tiling.tile_size=256",
+    "tiling.halo=64",
     "output.chunk=128",
     "model.tta=none",
     "model.threads=1",

@@ -30,7 +30,7 @@ def test_fingerprint_changes_with_what_changes_results(tmp_path):
     assert len(base) == 64 and int(base, 16) >= 0
     changed = {
         "weights": cs.slide_fingerprint(slide, load_config(), "w2"),
-        "tile size": cs.slide_fingerprint(slide, load_config(None, [{"tiling": {"tile_size": 640}}]), "w1"),
+        "tile size": cs.slide_fingerprint(slide, load_config(None, [{"tiling": {"tile_size": 768}}]), "w1"),
         "threshold": cs.slide_fingerprint(slide, load_config(None, [{"postprocess": {"threshold": 0.6}}]), "w1"),
         "tta": cs.slide_fingerprint(slide, load_config(None, [{"model": {"tta": "flips"}}]), "w1"),
         "mpp": cs.slide_fingerprint(slide, load_config(None, [{"slide": {"mpp": 0.25}}]), "w1"),

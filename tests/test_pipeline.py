@@ -8,14 +8,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pyarrow.parquet as pq
 import pytest
 import zarr
 from distributed import Client, LocalCluster
 from PIL import Image
+from scipy import ndimage
 
 from wsi_grunet.cli import main
-from wsi_grunet.config import load_config
+from wsi_grunet.config import DEFAULT_HALO, load_config
+from wsi_grunet.examples import example_slide
 from wsi_grunet.geometry import Box
 from wsi_grunet.inference import DriverBackend, TileRun, WorkerBackend, make_predictor, read_tile, tile_maps
 from wsi_grunet.model.checkpoint import load_checkpoint, packaged_weights
@@ -26,7 +29,7 @@ from wsi_grunet.slide.reader import SlideReader
 from wsi_grunet.tile_work import process_tile
 
 from qupath_contract import check_qupath_feature_collection
-from synthetic import write_synthetic_slide
+from synthetic import write_rgb_image, write_synthetic_slide
 
 MPP = 0.5
 
@@ -69,43 +72,83 @@ def _cfg(checkpoint: Path, tile: int, halo: int, amp: str = "fp32", **extra):
     return load_config(None, overrides)
 
 
-def test_tiled_output_equals_single_pass(disc_checkpoint, client, tmp_path):
-    """Stitched probabilities match a single pass within 1/255 (uint8 storage) + 0.01, and the nuclei
-    away from the slide edge are exactly the single-pass nuclei, for two tile sizes."""
-    slide = tmp_path / "discs.svs"
-    write_synthetic_slide(slide, 640, 448, mpp=MPP, levels=1, seed=7)
-    bundle = load_checkpoint(disc_checkpoint)
+def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, tiles, edge: int, tolerance: float):
+    """Run the slide at each (tile, halo): the stored probability equals one pass over the whole slide
+    within ``tolerance`` + 1/255 (uint8 storage), and every nucleus more than ``edge`` px from the slide
+    edge whose group of touching nuclei fits in the halo is the single pass's, pixel for pixel (a pixel
+    within 1e-3 of the threshold may go either way)."""
+    bundle = load_checkpoint(checkpoint)
     predictor = Predictor(bundle, "cpu", amp="fp32", tta="none")
     reader = SlideReader(slide, MPP)
-    image = reader.read(Box(0, 0, *reader.model_shape))
-    single = predict_image(predictor, image)["prob"]
-    edge = 48  # zero padding at the slide edge differs between a tile and the single pass
-    params = postprocess_params(bundle, _cfg(disc_checkpoint, 256, 64))
+    single = predict_image(predictor, reader.read(Box(0, 0, *reader.model_shape)))["prob"]
+    params = postprocess_params(bundle, _cfg(checkpoint, *tiles[0]))
     single_labels = label_nuclei(single, MPP, params)
     inner = Box(edge, edge, single.shape[0] - edge, single.shape[1] - edge)
+    # ownership.py guarantees the nuclei of foreground groups no wider than the halo; a larger group of
+    # touching nuclei cut by a tile's read box may be split differently (counted in report.json)
+    groups, _ = ndimage.label(single > params.threshold, structure=np.ones((3, 3)))
+    group_boxes = ndimage.find_objects(groups)
+    narrowest_halo = min(h for _, h in tiles)
 
-    def nuclei_inside(labels: np.ndarray) -> set[tuple]:
-        found = set()
+    def nuclei_inside(labels: np.ndarray, guaranteed_only: bool = False) -> list[np.ndarray]:
+        found = []
         for k in np.unique(labels[labels > 0]):
             ys, xs = np.nonzero(labels == k)
             if ys.min() >= inner.y0 and xs.min() >= inner.x0 and ys.max() < inner.y1 and xs.max() < inner.x1:
-                found.add(tuple(np.ravel_multi_index((ys, xs), labels.shape)))
+                group = group_boxes[groups[ys[0], xs[0]] - 1]
+                if guaranteed_only and max(sl.stop - sl.start for sl in group) > narrowest_halo:
+                    continue
+                found.append(np.ravel_multi_index((ys, xs), labels.shape))
         return found
 
-    expected = nuclei_inside(single_labels)
+    expected = nuclei_inside(single_labels, guaranteed_only=True)
     assert len(expected) >= 10, "the test slide should hold many nuclei away from its edge"
-    for tile, halo in ((256, 64), (384, 96)):
-        out = tmp_path / f"out{tile}"
-        cfg = _cfg(disc_checkpoint, tile, halo)
+    assert len(expected) >= 0.8 * len(nuclei_inside(single_labels)), "most nuclei should be in small groups"
+    # a pixel whose single-pass probability lies within float rounding of the threshold may fall either way
+    undecided = np.abs(single - params.threshold).ravel() < 1e-3
+    for tile, halo in tiles:
+        cfg = _cfg(checkpoint, tile, halo)
+        assert any(t % (tile - 2 * halo) == 0 for t in range(inner.y0 + 1, inner.y1)), "no tile border inside"
         backend = DriverBackend(client, make_predictor(bundle, cfg.model), cfg)
-        result = run_slide(slide, "discs", out, cfg, bundle, backend, client, progress=False)
+        result = run_slide(slide, slide.stem, out / str(tile), cfg, bundle, backend, client, progress=False)
         assert result.status == "ok"
-        root = zarr.open_group(str(out / "discs" / "discs.ome.zarr"), mode="r")
+        root = zarr.open_group(str(out / str(tile) / slide.stem / f"{slide.stem}.ome.zarr"), mode="r")
         stitched = root["0"][:].astype(np.float32) / 255
         diff = np.abs(stitched - single)[inner.slices()]
-        assert diff.max() <= 1 / 255 + 0.01, f"tile {tile}: max probability difference {diff.max():.4f}"
-        labels = root["labels/nuclei/0"][:]
-        assert nuclei_inside(labels) == expected, f"tile {tile}: nuclei differ from the single pass"
+        assert diff.max() <= 1 / 255 + tolerance, f"tile {tile}: max probability difference {diff.max():.4f}"
+        labels = root["labels/nuclei/0"][:].ravel()
+        differing = 0
+        for pixels in expected:
+            ids, counts = np.unique(labels[pixels], return_counts=True)
+            same = np.flatnonzero(labels == ids[np.argmax(counts)]) if ids[np.argmax(counts)] else np.array([], int)
+            changed = np.setxor1d(pixels, same)
+            differing += bool(changed.size) and not undecided[changed].all()
+        assert not differing, f"tile {tile}: {differing} of {len(expected)} nuclei differ from the single pass"
+
+
+def test_tiled_output_equals_single_pass(disc_checkpoint, client, tmp_path):
+    """Synthetic nuclei, the default halo, two tile sizes; 48 px at the slide edge see different zero
+    padding in a tile and in one pass (the background there is uniform, so that reaches no further)."""
+    slide = tmp_path / "discs.svs"
+    write_synthetic_slide(slide, 640, 448, mpp=MPP, levels=1, seed=7)
+    halo = DEFAULT_HALO
+    _check_border_contract(slide, tmp_path, disc_checkpoint, client, ((384, halo), (512, halo)), 48, 0.01)
+
+
+def test_tiled_output_equals_single_pass_on_real_tissue(disc_checkpoint, client, tmp_path):
+    """Real H&E (a 768-px crop of the packaged example slide), the default halo, two tile sizes: stitched
+    probabilities equal one pass within 0.002 and the nuclei are the same. A 64-px halo fails here
+    (differences up to 0.36): the network's context is wider than the synthetic slides show. 192 px at
+    the slide edge are left out: beyond the edge a tile reads white glass where one pass pads with zeros,
+    and on tissue that difference reaches as far as the network's context."""
+    with openslide.OpenSlide(str(example_slide())) as example:
+        mpp = float(example.properties[openslide.PROPERTY_NAME_MPP_X])
+        region = np.asarray(example.read_region((700, 500), 0, (768, 768)).convert("RGB"))
+    assert abs(mpp - MPP) < 0.01, "the example slide is scanned at about 0.5 um/px"
+    slide = tmp_path / "tissue.svs"
+    write_rgb_image(slide, region, mpp=MPP, levels=1)
+    halo = DEFAULT_HALO
+    _check_border_contract(slide, tmp_path, disc_checkpoint, client, ((512, halo), (640, halo)), 192, 0.002)
 
 
 def test_run_end_to_end_outputs(disc_checkpoint, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from wsi_grunet.config import DEFAULT_HALO, DEFAULT_TILE_SIZE
 from wsi_grunet.errors import ConfigError
 from wsi_grunet.tiling import EDGE_STEP, Tile, grid_shape, neighbours, plan_tiles, same_shape_batches, tile_for_point
 
@@ -51,18 +52,19 @@ def test_read_boxes_are_aligned_and_hold_core_and_halo(shape, tile_size, halo):
 def test_edge_reads_are_fitted_on_a_small_slide():
     """The packaged example slide's model image (2961 x 2216) at the default tiles: the last row and
     column read only what their clipped cores and halos need."""
-    tiles = plan_tiles((2961, 2216), 1152, 64)
+    assert (DEFAULT_TILE_SIZE, DEFAULT_HALO) == (1280, 128)
+    tiles = plan_tiles((2961, 2216), DEFAULT_TILE_SIZE, DEFAULT_HALO)
     shapes = {(t.row, t.col): t.read.shape for t in tiles}
-    assert shapes[(0, 0)] == (1152, 1152)
-    assert shapes[(0, 2)] == (1152, 320)  # core 168 wide + 2 x 64 = 296 -> 320
-    assert shapes[(2, 0)] == (1088, 1152)  # core 913 high + 128 = 1041 -> 1088
-    assert shapes[(2, 2)] == (1088, 320)
+    assert shapes[(0, 0)] == (1280, 1280)
+    assert shapes[(0, 2)] == (1280, 448)  # core 168 wide + 2 x 128 = 424 -> 448
+    assert shapes[(2, 0)] == (1216, 1280)  # core 913 high + 256 = 1169 -> 1216
+    assert shapes[(2, 2)] == (1216, 448)
     read = sum(t.read.height * t.read.width for t in tiles)
-    assert read < 0.76 * len(tiles) * 1152 * 1152
+    assert read < 0.78 * len(tiles) * 1280 * 1280
 
 
 def test_same_shape_batches_keep_order_and_never_mix_shapes():
-    tiles = plan_tiles((2961, 2216), 1152, 64)
+    tiles = plan_tiles((2961, 2216), DEFAULT_TILE_SIZE, DEFAULT_HALO)
     batches = same_shape_batches(tiles, 2)
     assert [t.index for b in batches for t in b] == [t.index for t in tiles]
     assert all(len(b) <= 2 and len({t.read.shape for t in b}) == 1 for b in batches)

@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mpp", type=float, help="slide microns per pixel (overrides the slide's own value)")
     run.add_argument("--tile-size", type=int, help="model pixels per tile, halo included (multiple of 16)")
     run.add_argument(
-        "--halo", type=int, help="context pixels on each tile side, wider than any nucleus (multiple of 16)"
+        "--halo",
+        type=int,
+        help="context pixels on each tile side (multiple of 16; the default 128 is the network's context)",
     )
     run.add_argument("--batch-size", type=int, help="tiles per forward pass")
     run.add_argument(

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .config import DEFAULT_HALO, DEFAULT_TILE_SIZE
 from .errors import ConfigError, OutputError, WsiGrunetError
 from .geometry import Box
 from .model.checkpoint import ModelBundle
@@ -24,7 +25,11 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 def predict_tiled(
-    predictor: Predictor, image: np.ndarray, tile_size: int = 1152, halo: int = 64, batch_size: int = 1
+    predictor: Predictor,
+    image: np.ndarray,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    halo: int = DEFAULT_HALO,
+    batch_size: int = 1,
 ) -> dict[str, np.ndarray]:
     """Probability maps for an image of any size, with the slide pipeline's tiles (cores kept)."""
     height, width = image.shape[:2]
@@ -62,8 +67,8 @@ def predict_at_model_mpp(
     predictor: Predictor,
     image: np.ndarray,
     image_mpp: float,
-    tile_size: int = 1152,
-    halo: int = 64,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    halo: int = DEFAULT_HALO,
     batch_size: int = 1,
 ) -> dict[str, np.ndarray]:
     """The model's maps for ``image`` (at ``image_mpp``), at the model's resolution."""
@@ -103,8 +108,8 @@ def segment_image(
     image: np.ndarray,
     image_mpp: float,
     params: PostprocessParams,
-    tile_size: int = 1152,
-    halo: int = 64,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    halo: int = DEFAULT_HALO,
     batch_size: int = 1,
     at: str = "input",
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -139,8 +144,8 @@ def segment_folder(
     predictor: Predictor,
     save_probability: bool = False,
     progress: bool = True,
-    tile_size: int = 1152,
-    halo: int = 64,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    halo: int = DEFAULT_HALO,
     batch_size: int = 1,
 ) -> list[dict]:
     """Write ``<stem>.png`` (uint16 labels, int32 as TIFF when over 65535 nuclei) per input image.

@@ -28,12 +28,13 @@ require_tiatoolbox()
 from tiatoolbox.models.engine.io_config import IOSegmentorConfig  # noqa: E402
 from tiatoolbox.models.models_abc import ModelABC  # noqa: E402
 
+from ..config import DEFAULT_HALO, DEFAULT_TILE_SIZE  # noqa: E402
 from ..model.checkpoint import ModelBundle, resolve_weights  # noqa: E402
 
 PYRAMID_STEP = 16  # GRU-Net pools four times: patch and halo must be multiples of 16
 
 
-def io_config(mpp: float, patch: int = 1152, halo: int = 64) -> IOSegmentorConfig:
+def io_config(mpp: float, patch: int = DEFAULT_TILE_SIZE, halo: int = DEFAULT_HALO) -> IOSegmentorConfig:
     """TIAToolbox IO config: ``patch`` px read at ``mpp``, the central ``patch - 2*halo`` px kept, no overlap."""
     if patch % PYRAMID_STEP or halo % PYRAMID_STEP:
         raise ValueError(f"patch ({patch}) and halo ({halo}) must be multiples of {PYRAMID_STEP}")
@@ -60,7 +61,12 @@ class GRUNetTIAModel(ModelABC):
     """A GRU-Net checkpoint under TIAToolbox's ``ModelABC`` contract (forward, infer_batch, preproc, postproc)."""
 
     def __init__(
-        self, bundle: ModelBundle, patch: int = 1152, halo: int = 64, amp: str = "fp32", channels_last: bool = False
+        self,
+        bundle: ModelBundle,
+        patch: int = DEFAULT_TILE_SIZE,
+        halo: int = DEFAULT_HALO,
+        amp: str = "fp32",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if bundle.model is None:
