@@ -1,6 +1,6 @@
 """Side by side on one slide: TIAToolbox's SemanticSegmentor running GRU-Net (adapter) vs `wsi-grunet run`.
 
-Same weights, same tiles (the run defaults: 1280 px read, 1024 px kept, 0.5 um/px), same CPU precision (bf16 autocast,
+Same weights, same tiles (the run defaults: 1152 px read, 896 px kept, 0.5 um/px), same CPU precision (bf16 autocast,
 channels-last, where the CPU has native bf16) on this machine. Each side runs as its own subprocess: TIAToolbox
 in .venv-tiatoolbox (``bash benchmarks/setup_tiatoolbox_env.sh``), wsi-grunet in the current environment.
 Reported: wall time of each command and their ratio, peak memory summed over each process tree (psutil,

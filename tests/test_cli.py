@@ -215,7 +215,7 @@ def test_run_with_amp_fp32_runs_and_records_it(slide, tiny_checkpoint, tmp_path)
             "output.chunk: 0 is out of range; allowed: an integer >= 16 and a multiple of 16",
         ),
         (["--set", "model.amp=fp33"], "model.amp: 'fp33' is not one of auto, bf16, fp16, fp32"),
-        (["--tile-size", "640"], "output.chunk: 256 does not divide the tile core 384"),
+        (["--tile-size", "576"], "output.chunk: 128 does not divide the tile core 320"),
         (["--set", "slurm.jobs_max=0"], "slurm.jobs_max: 0 is out of range"),
         (["--set", "model.amp"], "--set 'model.amp' must look like section.key=value"),
     ],

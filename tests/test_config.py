@@ -135,8 +135,8 @@ def test_bad_values_are_rejected_naming_key_value_and_allowed(override, message)
     ("overrides", "message"),
     [
         (["tiling.tile_size=128", "tiling.halo=64"], "tiling.tile_size: 128 leaves no tile core with tiling.halo 64"),
-        (["tiling.tile_size=640"], "output.chunk: 256 does not divide the tile core 384"),
-        (["output.chunk=192"], "output.chunk: 192 does not divide the tile core 1024"),
+        (["tiling.tile_size=576"], "output.chunk: 128 does not divide the tile core 320"),
+        (["output.chunk=192"], "output.chunk: 192 does not divide the tile core 896"),
         (["slurm.jobs_min=5", "slurm.jobs_max=2"], "slurm.jobs_min: 5 exceeds slurm.jobs_max 2"),
         (["slurm.processes=4"], "slurm.processes: 4 exceeds slurm.cores 2"),
         (["slurm.gpus_per_job=4"], "slurm.gpus_per_job: 4 needs at least as many slurm.cores"),
@@ -150,10 +150,10 @@ def test_cross_field_rules_are_checked_at_load_time(overrides, message):
 
 
 def test_chunk_error_suggests_a_chunk_that_fits():
-    with pytest.raises(ConfigError, match=r"allowed: a multiple of 16 dividing 384, e\.g\. 192"):
-        load_config(None, _set("tiling.tile_size=640"))
-    cfg = load_config(None, _set("tiling.tile_size=640", "output.chunk=192"))
-    assert (cfg.tiling.core, cfg.output.chunk) == (384, 192)
+    with pytest.raises(ConfigError, match=r"allowed: a multiple of 16 dividing 320, e\.g\. 160"):
+        load_config(None, _set("tiling.tile_size=576"))
+    cfg = load_config(None, _set("tiling.tile_size=576", "output.chunk=160"))
+    assert (cfg.tiling.core, cfg.output.chunk) == (320, 160)
 
 
 def test_good_values_are_coerced_to_the_field_types():
