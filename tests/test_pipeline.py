@@ -75,8 +75,8 @@ def _cfg(checkpoint: Path, tile: int, halo: int, amp: str = "fp32", **extra):
 def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, tiles, edge: int, tolerance: float):
     """Run the slide at each (tile, halo): the stored probability equals one pass over the whole slide
     within ``tolerance`` + 1/255 (uint8 storage), and every nucleus more than ``edge`` px from the slide
-    edge whose group of touching nuclei fits in the halo is the single pass's, pixel for pixel (a pixel
-    within 1e-3 of the threshold may go either way)."""
+    edge whose group of touching nuclei fits in the halo is the single pass's, pixel for pixel (groups
+    with a pixel within 1e-3 of the threshold are left out: float rounding may decide it either way)."""
     bundle = load_checkpoint(checkpoint)
     predictor = Predictor(bundle, "cpu", amp="fp32", tta="none")
     reader = SlideReader(slide, MPP)
@@ -88,6 +88,10 @@ def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, til
     # touching nuclei cut by a tile's read box may be split differently (counted in report.json)
     groups, _ = ndimage.label(single > params.threshold, structure=np.ones((3, 3)))
     group_boxes = ndimage.find_objects(groups)
+    # a pixel within float rounding of the threshold may fall either way in a tile; that moves the
+    # watershed lines of its whole group, so such groups are not compared
+    undecided = np.abs(single - params.threshold) < 1e-3
+    undecided_groups = set(np.unique(groups[ndimage.binary_dilation(undecided) & (groups > 0)]).tolist())
     narrowest_halo = min(h for _, h in tiles)
 
     def nuclei_inside(labels: np.ndarray, guaranteed_only: bool = False) -> list[np.ndarray]:
@@ -96,7 +100,9 @@ def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, til
             ys, xs = np.nonzero(labels == k)
             if ys.min() >= inner.y0 and xs.min() >= inner.x0 and ys.max() < inner.y1 and xs.max() < inner.x1:
                 group = group_boxes[groups[ys[0], xs[0]] - 1]
-                if guaranteed_only and max(sl.stop - sl.start for sl in group) > narrowest_halo:
+                if guaranteed_only and (
+                    max(sl.stop - sl.start for sl in group) > narrowest_halo or groups[ys[0], xs[0]] in undecided_groups
+                ):
                     continue
                 found.append(np.ravel_multi_index((ys, xs), labels.shape))
         return found
@@ -104,8 +110,6 @@ def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, til
     expected = nuclei_inside(single_labels, guaranteed_only=True)
     assert len(expected) >= 10, "the test slide should hold many nuclei away from its edge"
     assert len(expected) >= 0.8 * len(nuclei_inside(single_labels)), "most nuclei should be in small groups"
-    # a pixel whose single-pass probability lies within float rounding of the threshold may fall either way
-    undecided = np.abs(single - params.threshold).ravel() < 1e-3
     for tile, halo in tiles:
         cfg = _cfg(checkpoint, tile, halo)
         assert any(t % (tile - 2 * halo) == 0 for t in range(inner.y0 + 1, inner.y1)), "no tile border inside"
@@ -121,8 +125,7 @@ def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, til
         for pixels in expected:
             ids, counts = np.unique(labels[pixels], return_counts=True)
             same = np.flatnonzero(labels == ids[np.argmax(counts)]) if ids[np.argmax(counts)] else np.array([], int)
-            changed = np.setxor1d(pixels, same)
-            differing += bool(changed.size) and not undecided[changed].all()
+            differing += not np.array_equal(np.sort(pixels), same)
         assert not differing, f"tile {tile}: {differing} of {len(expected)} nuclei differ from the single pass"
 
 
