@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE)
     parser.add_argument("--halo", type=int, default=DEFAULT_HALO)
     parser.add_argument("--tiles", type=int, default=4)
-    parser.add_argument("--threshold", type=float, default=0.6)  # the packaged weights' threshold
+    parser.add_argument("--threshold", type=float, default=0.5)  # the packaged weights' tuned threshold
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 

@@ -75,8 +75,9 @@ def _cfg(checkpoint: Path, tile: int, halo: int, amp: str = "fp32", **extra):
 def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, tiles, edge: int, tolerance: float):
     """Run the slide at each (tile, halo): the stored probability equals one pass over the whole slide
     within ``tolerance`` + 1/255 (uint8 storage), and every nucleus more than ``edge`` px from the slide
-    edge whose group of touching nuclei fits in the halo is the single pass's, pixel for pixel (groups
-    with a pixel within 1e-3 of the threshold are left out: float rounding may decide it either way)."""
+    edge whose group of touching nuclei fits in the halo is the single pass's, pixel for pixel, and no
+    other nucleus appears there (groups with a pixel within 1e-3 of the threshold are left out: float
+    rounding may decide it either way)."""
     bundle = load_checkpoint(checkpoint)
     predictor = Predictor(bundle, "cpu", amp="fp32", tta="none")
     reader = SlideReader(slide, MPP)
@@ -94,17 +95,21 @@ def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, til
     undecided_groups = set(np.unique(groups[ndimage.binary_dilation(undecided) & (groups > 0)]).tolist())
     narrowest_halo = min(h for _, h in tiles)
 
-    def nuclei_inside(labels: np.ndarray, guaranteed_only: bool = False) -> list[np.ndarray]:
-        found = []
+    def compared(group: int) -> bool:
+        """Whether nuclei of this single-pass group must match; 0 (background there) always does."""
+        if group == 0:
+            return True
+        box = group_boxes[group - 1]
+        return max(sl.stop - sl.start for sl in box) <= narrowest_halo and group not in undecided_groups
+
+    def nuclei_inside(labels: np.ndarray, guaranteed_only: bool = False) -> set[tuple]:
+        found = set()
         for k in np.unique(labels[labels > 0]):
             ys, xs = np.nonzero(labels == k)
             if ys.min() >= inner.y0 and xs.min() >= inner.x0 and ys.max() < inner.y1 and xs.max() < inner.x1:
-                group = group_boxes[groups[ys[0], xs[0]] - 1]
-                if guaranteed_only and (
-                    max(sl.stop - sl.start for sl in group) > narrowest_halo or groups[ys[0], xs[0]] in undecided_groups
-                ):
+                if guaranteed_only and not compared(groups[ys[0], xs[0]]):
                     continue
-                found.append(np.ravel_multi_index((ys, xs), labels.shape))
+                found.add(tuple(np.ravel_multi_index((ys, xs), labels.shape)))
         return found
 
     expected = nuclei_inside(single_labels, guaranteed_only=True)
@@ -120,12 +125,8 @@ def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, til
         stitched = root["0"][:].astype(np.float32) / 255
         diff = np.abs(stitched - single)[inner.slices()]
         assert diff.max() <= 1 / 255 + tolerance, f"tile {tile}: max probability difference {diff.max():.4f}"
-        labels = root["labels/nuclei/0"][:].ravel()
-        differing = 0
-        for pixels in expected:
-            ids, counts = np.unique(labels[pixels], return_counts=True)
-            same = np.flatnonzero(labels == ids[np.argmax(counts)]) if ids[np.argmax(counts)] else np.array([], int)
-            differing += not np.array_equal(np.sort(pixels), same)
+        found = nuclei_inside(root["labels/nuclei/0"][:], guaranteed_only=True)
+        differing = len(expected ^ found)
         assert not differing, f"tile {tile}: {differing} of {len(expected)} nuclei differ from the single pass"
 
 
@@ -141,7 +142,7 @@ def test_tiled_output_equals_single_pass(disc_checkpoint, client, tmp_path):
 def test_tiled_output_equals_single_pass_on_real_tissue(disc_checkpoint, client, tmp_path):
     """Real H&E (a 768-px crop of the packaged example slide), the default halo, two tile sizes: stitched
     probabilities equal one pass within 0.002 and the nuclei are the same. A 64-px halo fails here
-    (differences up to 0.36): the network's context is wider than the synthetic slides show. 192 px at
+    (0.136 at 512-px tiles): the network's context is wider than the synthetic slides show. 192 px at
     the slide edge are left out: beyond the edge a tile reads white glass where one pass pads with zeros,
     and on tissue that difference reaches as far as the network's context."""
     with openslide.OpenSlide(str(example_slide())) as example:
