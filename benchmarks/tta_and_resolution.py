@@ -6,7 +6,8 @@ pixel size, scored against their own ground truth), the packaged model runs the 
 transforms once each (fast path, timed one by one); the TTA modes are the means of their subsets,
 so each mode's model time is the sum of its passes. Each mode is labelled twice: at the input's
 resolution from the upsampled probability (``segment`` today) and at model resolution with the
-labels upsampled (before). A float32 NCHW pass (the previous CPU default) gives the equivalence
+labels upsampled (before). A float32 NCHW pass of the layers as trained (the previous CPU default,
+unfused) gives the equivalence
 figures: Dice between the two foreground masks, nucleus counts and AJI against ground truth.
 
     python benchmarks/tta_and_resolution.py --data ../shared/data --out benchmarks/results/tta_and_resolution.json
@@ -97,7 +98,9 @@ def main() -> None:
     params = stored_params(bundle)
     fast = Predictor(bundle, device="cpu")  # auto: bf16 + channels-last on this CPU
     # a model of its own: a predictor converts its model's memory layout in place
-    reference = Predictor(load_checkpoint(packaged_weights()), device="cpu", amp="fp32", channels_last=False)
+    reference = Predictor(
+        load_checkpoint(packaged_weights()), device="cpu", amp="fp32", channels_last=False, fuse=False
+    )
     index = {t: i for i, t in enumerate(TTA_TRANSFORMS["dihedral"])}
     modes = {mode: [index[t] for t in TTA_TRANSFORMS[mode]] for mode in ("none", "flips", "rot4", "dihedral")}
     rows = []

@@ -173,7 +173,7 @@ def test_run_with_bad_config_exits_with_usage_code(slide, tmp_path, caplog):
     assert not out.exists(), "nothing is written for a configuration error"
 
 
-def test_run_with_amp_fp32_runs_and_records_it(slide, tiny_checkpoint, tmp_path):
+def test_run_with_amp_fp32_unfused_runs_and_records_it(slide, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "o"
     assert (
         main(
@@ -192,6 +192,7 @@ def test_run_with_amp_fp32_runs_and_records_it(slide, tiny_checkpoint, tmp_path)
                 "--set",
                 "model.amp=fp32",
                 "model.tta=none",
+                "model.fuse=false",
                 "tiling.tile_size=256",
                 "tiling.halo=64",
                 "output.chunk=128",
@@ -201,6 +202,8 @@ def test_run_with_amp_fp32_runs_and_records_it(slide, tiny_checkpoint, tmp_path)
     )
     report = json.loads((out / "s" / "report.json").read_text())
     assert report["config"]["model"]["amp"] == "fp32"
+    assert report["config"]["model"]["fuse"] is False and report["model"]["inference"]["fused"] is False
+    assert "WARNING: UNTRAINED GRU-Net (random weights)" in capsys.readouterr().out
     assert report["config"]["tiling"] == {"tile_size": 256, "halo": 64}
 
 

@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         line += f"  ({r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s)" if r.status == "ok" else ""
         print(line + (f"\n           {r.error}" if r.error else ""))
     if not bundle.trained:
-        print("WARNING: the model is UNTRAINED (random weights); these outputs are not nucleus segmentations")
+        print(f"WARNING: {bundle.status_line}")
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -358,6 +358,7 @@ class ModelOptions:
     threads: int | None = option(None, min=1)  # CPU threads of the model; None: the cores available
     tta: Literal["auto", "none", "flips", "rot4", "dihedral"] = "auto"  # test-time augmentation
     retain_heap: bool = True  # CPU: keep freed memory in the heap (1.7x faster passes, 1.2-2.4 GB more resident)
+    fuse: bool = True  # run the inference form (BN folded, repeated CDRB inputs merged; same outputs, fewer ops)
     backend: Literal["driver", "workers"] = "driver"  # model in the driver process, or on GPU-resource workers
 
 
@@ -369,7 +370,8 @@ class SlideOptions:
 # The network's context reaches about 128 model pixels: with that halo a stitched probability equals
 # one pass over real H&E within 1e-4 at fp32; with 64 it differed by up to 0.36 (benchmarks/RESULTS.md).
 DEFAULT_HALO = 128
-# 1152: on CPU the cost per pixel rises beyond it (1280 px: +18%, 1536 px: +37%), and its peak memory too
+# 1152 on CPU, per core pixel (halo included, benchmarks/RESULTS.md): 1280 px is 6% cheaper but needs 19%
+# more peak memory, 1024 px is 11% dearer, 1536 px 55% dearer
 DEFAULT_TILE_SIZE = 1152  # core 896: seven 128-px chunks a side
 
 

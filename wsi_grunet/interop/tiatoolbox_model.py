@@ -30,6 +30,7 @@ from tiatoolbox.models.models_abc import ModelABC  # noqa: E402
 
 from ..config import DEFAULT_HALO, DEFAULT_TILE_SIZE  # noqa: E402
 from ..model.checkpoint import ModelBundle, resolve_weights  # noqa: E402
+from ..model.inference_form import fuse_for_inference  # noqa: E402
 
 PYRAMID_STEP = 16  # GRU-Net pools four times: patch and halo must be multiples of 16
 
@@ -67,11 +68,13 @@ class GRUNetTIAModel(ModelABC):
         halo: int = DEFAULT_HALO,
         amp: str = "fp32",
         channels_last: bool = False,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if bundle.model is None:
             raise ValueError(f"model.weights: {bundle.source} is not a GRU-Net model; this needs network weights")
-        self.net = bundle.model.eval()
+        # the same inference form wsi-grunet's predictor runs (model.fuse), so engines compare alike
+        self.net = fuse_for_inference(bundle.model) if fused else bundle.model.eval()
         self.halo = int(halo)
         self.mpp = bundle.mpp
         self.threshold = bundle.threshold

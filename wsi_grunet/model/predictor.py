@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError
 from .checkpoint import ModelBundle
 from .cpu_heap import heap_retained, retain_freed_memory
+from .inference_form import fuse_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,10 @@ class Predictor:
     ``amp``: auto | bf16 | fp16 | fp32 (autocast precision; fp32 = none); ``channels_last``: auto |
     True | False; ``tta``: auto | none | flips | rot4 | dihedral; ``threads``: CPU threads (None: the
     cores this process may use); ``workload``: slides | images, what ``tta: auto`` is chosen for;
-    ``retain_heap``: on CPU, keep freed memory in the process heap (see ``cpu_heap``). ``auto``
-    values resolve for the device, see the module docstring.
-    The predictor takes the bundle's model over: it is moved to the device and layout in place.
+    ``retain_heap``: on CPU, keep freed memory in the process heap (see ``cpu_heap``); ``fuse``: run
+    the inference form of the network (see ``inference_form``; False: the layers as trained).
+    ``auto`` values resolve for the device, see the module docstring.
+    Unfused, the predictor takes the bundle's model over: it is moved to the device and layout in place.
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class Predictor:
         threads: int | None = None,
         workload: str = "slides",
         retain_heap: bool = True,
+        fuse: bool = True,
     ) -> None:
         if bundle.model is None:
             raise ConfigError(f"model.weights: {bundle.source} is not a GRU-Net model; this needs network weights")
@@ -203,7 +206,9 @@ class Predictor:
         self.amp_dtype = _AMP_DTYPES[amp_choice]
         self.tta = AUTO_TTA[workload][self.device.type] if tta_choice == "auto" else tta_choice
         self.transforms = TTA_TRANSFORMS[self.tta]
-        self.model = bundle.model.to(self.device).eval()
+        self.fused = bool(fuse)
+        model = fuse_for_inference(bundle.model) if self.fused else bundle.model
+        self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.has_distance = bundle.model.config.aux_distance_head
@@ -222,6 +227,7 @@ class Predictor:
             threads=getattr(options, "threads", None),
             workload=workload,
             retain_heap=getattr(options, "retain_heap", True),
+            fuse=getattr(options, "fuse", True),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -235,6 +241,7 @@ class Predictor:
             "tta_passes": len(self.transforms),
             "threads": self.threads if self.device.type == "cpu" else None,
             "heap_retained": self.heap_retained,
+            "fused": self.fused,
             "cpu_native_bf16": self.native_bf16,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self.device.type == "cuda" else None,
         }
