@@ -17,6 +17,7 @@ from wsi_grunet.errors import CheckpointError
 from wsi_grunet.model.checkpoint import (
     FORMAT_NAME,
     PACKAGED_DIR,
+    checkpoint_paths,
     load_checkpoint,
     packaged_weights,
     resolve_weights,
@@ -334,3 +335,24 @@ def test_untrained_bundle_says_so():
     # the same seed gives the same random model
     again = untrained_bundle(GRUNetConfig(**SMALL))
     assert torch.equal(again.model.head.weight, bundle.model.head.weight)
+
+
+def test_dots_in_a_checkpoint_name_are_kept(tmp_path):
+    assert checkpoint_paths(tmp_path / "grunet_v1.5") == (
+        tmp_path / "grunet_v1.5.safetensors",
+        tmp_path / "grunet_v1.5.json",
+    )
+    assert checkpoint_paths(tmp_path / "grunet_v1.5.json")[0] == tmp_path / "grunet_v1.5.safetensors"
+    # two runs whose names differ after a dot never share files
+    model = GRUNet(GRUNetConfig(base_filters=4, attention_width=8)).eval()
+    for name in ("run.a", "run.b"):
+        save_checkpoint(
+            tmp_path / name, model, {"mpp": 0.5, "patch_size": 256, "threshold": 0.5, "trained": False, "name": name}
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "run.a.json",
+        "run.a.safetensors",
+        "run.b.json",
+        "run.b.safetensors",
+    ]
+    assert load_checkpoint(tmp_path / "run.a").metadata["name"] == "run.a"

@@ -496,16 +496,17 @@ def test_report_names_must_be_validation_images(tmp_path):
 
 def test_aji_selection_keeps_the_best_step_not_a_later_worse_one(split_dataset, tmp_path):
     out = tmp_path / "m"
-    good = dataclasses.replace(TINY, max_steps=40, val_every=10, schedule="constant")
-    train([split_dataset], out, good, progress=False, until_step=20)
+    good = dataclasses.replace(TINY, max_steps=50, val_every=10, schedule="constant")
+    # 30 good steps (AJI 0.16-0.3 after 20 and about 0.58 after 30, depending on the CPU's kernels)
+    train([split_dataset], out, good, progress=False, until_step=30)
     # then a learning rate that wrecks the weights: the later validation must score worse and not be kept
-    info = train([split_dataset], out, dataclasses.replace(good, lr=3.0), progress=False, until_step=30)
+    info = train([split_dataset], out, dataclasses.replace(good, lr=3.0), progress=False, until_step=40)
     history = info["history"]
-    assert [h["step"] for h in history] == [10, 20, 30]
+    assert [h["step"] for h in history] == [10, 20, 30, 40]
     best = max(history, key=lambda h: h["aji"])
     assert best["aji"] > 0.2 and history[-1]["aji"] < best["aji"] - 0.1  # the construction worked
     bundle = load_checkpoint(out)
-    assert bundle.metadata["training"]["step"] == best["step"] != 30
+    assert bundle.metadata["training"]["step"] == best["step"] != 40
     assert info["best"] == pytest.approx(best["aji"])
     # the kept weights really score that AJI on the select image
     speed = resolve_speed(good)

@@ -173,6 +173,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_train_config, parse_override
+    from .model.checkpoint import checkpoint_paths
     from .train.loop import train
 
     cfg = load_train_config(args.config, [parse_override(text) for text in args.set or []])
@@ -187,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"trained {info['step']} steps in {info['minutes']:.1f} min; best validation {cfg.select_by} "
         f"{info['best']:.4f} (select images); "
-        f"checkpoint {Path(args.out).with_suffix('.safetensors')}"
+        f"checkpoint {checkpoint_paths(args.out)[0]}"
     )
     return EXIT_OK
 

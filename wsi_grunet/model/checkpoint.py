@@ -71,11 +71,13 @@ def _sha256(path: Path) -> str:
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
-    """Accept ``x.safetensors``, ``x.json`` or ``x``; return both file paths."""
+    """Accept ``x.safetensors``, ``x.json`` or ``x``; return both file paths.
+
+    Other dots belong to the name: ``grunet_v1.5`` -> ``grunet_v1.5.safetensors``, never ``grunet_v1.safetensors``."""
     path = Path(path)
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
-    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
 def save_checkpoint(path: str | Path, model: GRUNet, metadata: dict[str, Any], half: bool = True) -> Path:

@@ -307,7 +307,7 @@ def validate(
 
 def _state_paths(out: Path) -> tuple[Path, Path]:
     base, _ = checkpoint_paths(out)
-    stem = base.with_suffix("")
+    stem = base.with_name(base.name.removesuffix(".safetensors"))
     return stem.with_name(stem.name + ".state.safetensors"), stem.with_name(stem.name + ".state.json")
 
 
