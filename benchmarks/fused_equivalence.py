@@ -11,7 +11,6 @@ post-processing), so the comparison isolates the model path.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,7 +26,13 @@ from wsi_grunet.segment import label_maps
 from wsi_grunet.train.data import resample_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tta_and_resolution import _pad16, _scores, stored_params, validation_images  # noqa: E402
+from tta_and_resolution import (  # noqa: E402
+    _pad16,
+    _scores,
+    parse_validation_args,
+    stored_params,
+    validation_images,
+)
 
 PATHS = {  # name: Predictor settings
     "fp32_nchw_as_trained": {"amp": "fp32", "channels_last": False, "fuse": False},
@@ -39,12 +44,7 @@ REFERENCE, DEFAULT = "fp32_nchw_as_trained", "bf16_cl_fused"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--limit", type=int, help="at most this many validation images per dataset")
-    args = parser.parse_args()
-
+    args = parse_validation_args(__doc__)
     bundle = load_checkpoint(packaged_weights())
     params = stored_params(bundle)
     # each predictor gets a model of its own: an unfused predictor converts its model's layout in place

@@ -87,13 +87,17 @@ def _scores(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {k: float(metrics[k]) for k in METRICS}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_validation_args(doc: str | None) -> argparse.Namespace:
+    """--data, --out and --limit, shared by the benchmarks over the validation images."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--limit", type=int, help="at most this many validation images per dataset")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_validation_args(__doc__)
     bundle = load_checkpoint(packaged_weights())
     params = stored_params(bundle)
     fast = Predictor(bundle, device="cpu")  # auto: bf16 + channels-last on this CPU
