@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from wsi_grunet.config import load_config
+from wsi_grunet.errors import ConfigError
 from wsi_grunet.model.checkpoint import untrained_bundle
 from wsi_grunet.model.grunet import ControlledDenseResidualBlock, GRUNet, GRUNetConfig
 from wsi_grunet.model.inference_form import FusedCDRB, fuse_for_inference, merge_repeated_inputs
@@ -107,7 +108,7 @@ def test_predictor_runs_the_fused_form_by_default_with_the_same_probabilities():
 def test_fuse_is_a_validated_model_option():
     assert load_config(None).model.fuse is True
     assert load_config(None, [{"model": {"fuse": False}}]).model.fuse is False
-    with pytest.raises(Exception, match="model.fuse"):
+    with pytest.raises(ConfigError, match="model.fuse"):
         load_config(None, [{"model": {"fuse": "sometimes"}}])
     options = load_config(None, [{"model": {"fuse": False, "device": "cpu", "threads": 1}}]).model
     predictor = Predictor.from_options(untrained_bundle(GRUNetConfig(**SMALL), seed=0), options)

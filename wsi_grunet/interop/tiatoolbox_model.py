@@ -68,13 +68,13 @@ class GRUNetTIAModel(ModelABC):
         halo: int = DEFAULT_HALO,
         amp: str = "fp32",
         channels_last: bool = False,
-        fused: bool = True,
+        fuse: bool = True,
     ) -> None:
         super().__init__()
         if bundle.model is None:
             raise ValueError(f"model.weights: {bundle.source} is not a GRU-Net model; this needs network weights")
         # the same inference form wsi-grunet's predictor runs (model.fuse), so engines compare alike
-        self.net = fuse_for_inference(bundle.model) if fused else bundle.model.eval()
+        self.net = fuse_for_inference(bundle.model) if fuse else bundle.model.eval()
         self.halo = int(halo)
         self.mpp = bundle.mpp
         self.threshold = bundle.threshold

@@ -70,14 +70,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
-    """Accept ``x.safetensors``, ``x.json`` or ``x``; return both file paths.
-
-    Other dots belong to the name: ``grunet_v1.5`` -> ``grunet_v1.5.safetensors``, never ``grunet_v1.safetensors``."""
+def checkpoint_stem(path: str | Path) -> Path:
+    """``x.safetensors``, ``x.json`` or ``x`` -> ``x``. Other dots belong to the name: ``grunet_v1.5``
+    stays ``grunet_v1.5`` (its files ``grunet_v1.5.safetensors``, never ``grunet_v1.safetensors``)."""
     path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        path = path.with_suffix("")
-    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """Accept ``x.safetensors``, ``x.json`` or ``x``; return both file paths."""
+    stem = checkpoint_stem(path)
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
 def save_checkpoint(path: str | Path, model: GRUNet, metadata: dict[str, Any], half: bool = True) -> Path:

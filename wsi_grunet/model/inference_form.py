@@ -12,14 +12,15 @@ about 1e-5), so the trained layers stay as published while inference skips redun
   ``[u2, x, u1]`` and ``[u3, x, u1, u2]`` (115 and 147 channels) instead.
 * GdAM's separable 1x1 head (depthwise, then pointwise to one channel) becomes one 1x1 conv.
 
-On a 2-core AVX-512 CPU this makes a 1152-pixel bf16 pass about 1.6x faster (benchmarks/RESULTS.md);
-the CDRB at full resolution was a third of the time. The result is for inference only: BatchNorm
+On a 2-core Intel Xeon with AMX this makes a 1152-pixel bf16 pass about 1.6x faster
+(benchmarks/RESULTS.md); the first CDRB, at full resolution, was a third of the time. The result is for inference only: BatchNorm
 statistics are frozen into the weights, so it must never be trained.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -145,8 +146,7 @@ def fuse_for_inference(model: GRUNet) -> GRUNet:
     """An eval-mode copy of ``model`` with the rewrites above; ``model`` itself is left unchanged."""
     fused = copy.deepcopy(model).eval()
     for index, block in enumerate(fused.skips):
-        if isinstance(block, ControlledDenseResidualBlock):
-            fused.skips[index] = FusedCDRB(block)
+        fused.skips[index] = FusedCDRB(cast(ControlledDenseResidualBlock, block))
     for module in list(fused.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, ConvBN):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..evaluate.metrics import pair_counts
-from ..model.checkpoint import checkpoint_paths, load_checkpoint, packaged_weights, save_checkpoint
+from ..model.checkpoint import checkpoint_stem, load_checkpoint, packaged_weights, save_checkpoint
 from ..model.cpu_heap import retain_freed_memory
 from ..model.grunet import GRUNet, GRUNetConfig
 from ..model.predictor import available_cores, choose_device, cpu_has_native_bf16
@@ -306,8 +306,7 @@ def validate(
 
 
 def _state_paths(out: Path) -> tuple[Path, Path]:
-    base, _ = checkpoint_paths(out)
-    stem = base.with_name(base.name.removesuffix(".safetensors"))
+    stem = checkpoint_stem(out)
     return stem.with_name(stem.name + ".state.safetensors"), stem.with_name(stem.name + ".state.json")
 
 
