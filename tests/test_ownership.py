@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 
 from wsi_grunet.errors import StitchContractError
 from wsi_grunet.geometry import Box
-from wsi_grunet.ownership import owned_instances
+from wsi_grunet.ownership import compact_ids, owned_instances
 from wsi_grunet.postprocess import PostprocessParams, label_nuclei
 
 MPP = 0.5
@@ -225,3 +225,18 @@ def test_bad_arguments():
         owned_instances(np.zeros((32, 32), np.int32), read, Box(8, 8, 40, 24), (64, 64), halo=8)
     empty = owned_instances(np.zeros((32, 32), np.int32), read, core, (64, 64), halo=8)
     assert empty.count == 0 and not empty.labels.any()
+
+
+def test_compact_ids_equal_sorting_ids_with_background_first():
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        shape = tuple(int(v) for v in rng.integers(1, 30, 2))
+        labels = rng.integers(0 if trial % 4 else 1, int(rng.integers(2, 50)), shape)  # some without background
+        if trial % 7 == 0:
+            labels = labels * 1_000_003  # ids too large to count: the sorting path
+        ids, first, compact = np.unique(labels.ravel(), return_index=True, return_inverse=True)
+        compact = compact.reshape(shape)
+        if ids[0] != 0:
+            ids, first, compact = np.concatenate([[0], ids]), np.concatenate([[-1], first]), compact + 1
+        for got, expected in zip(compact_ids(labels), (ids, first, compact)):
+            np.testing.assert_array_equal(got, expected)

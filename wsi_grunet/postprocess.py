@@ -30,6 +30,7 @@ from skimage.morphology import local_maxima
 from skimage.segmentation import watershed
 
 from .errors import ConfigError
+from .packing import pack_components
 
 # Background regions enclosed by a single component and smaller than this are filled: they are
 # low-probability spots inside a nucleus (nucleoli, pale chromatin), far smaller than any nucleus.
@@ -140,37 +141,15 @@ def label_nuclei(
     if not foreground.any():
         return np.zeros(prob.shape, dtype=np.int32)
     components, _ = ndi.label(foreground, structure=_EIGHT)
+    if distance is None:
+        # Mostly background: label the components packed side by side (same instances, a fraction
+        # of the pixels). The distance mode's single watershed is left as it is.
+        packed = pack_components(components)
+        if packed is None:
+            return _semantic_instances(components, px_area_um2, params, mpp)
+        return relabel_raster(packed.unpack(_semantic_instances(packed.canvas, px_area_um2, params, mpp)))
     components = _fill_enclosed_holes(components, HOLE_MAX_UM2 / px_area_um2)
     foreground = components > 0
-
-    if distance is None:
-        # Pad with background so that the array edge counts as background, as the slide edge does.
-        edt = ndi.distance_transform_edt(np.pad(foreground, 1))[1:-1, 1:-1]
-        relief = _smooth_within_components(edt, components, SMOOTHING_SIGMA_PX)
-        # A component whose relief has a single regional maximum gets a single marker, so it is one
-        # instance whatever the marker search and watershed would do: only the others need them.
-        multi = _multi_peak_components(relief, components)
-        split = np.isin(components, np.flatnonzero(multi)) if multi.any() else np.zeros(prob.shape, bool)
-        labels = np.where(split, 0, components).astype(np.int64)
-        if split.any():
-            parts = np.where(split, components, 0)
-            markers = _distance_maxima(np.where(split, relief, 0.0), parts, params.marker_min_distance_um / mpp)
-            offset = int(components.max())
-            for index, box in enumerate(ndi.find_objects(parts), start=1):
-                if box is None:
-                    continue
-                # One component at a time: the watershed breaks ties between markers of equal height
-                # by heap order, which would otherwise depend on the other components in the array.
-                inside = parts[box] == index
-                grown = watershed(
-                    -relief[box],
-                    np.where(inside, markers[box], 0),
-                    mask=inside,
-                    connectivity=2,
-                    compactness=params.compactness,
-                )
-                labels[box][inside] = grown[inside].astype(np.int64) + offset
-        return relabel_raster(labels, min_size=params.min_area_um2 / px_area_um2)
     relief = np.where(foreground, distance.astype(np.float64), 0.0)
     markers, _ = ndi.label((relief > params.marker_threshold) & foreground, structure=_EIGHT)
     labels = watershed(-relief, markers, mask=foreground, connectivity=2, compactness=params.compactness)
@@ -179,6 +158,41 @@ def label_nuclei(
     if unmarked.any():
         labels = labels.astype(np.int64)
         labels[unmarked] = components[unmarked].astype(np.int64) + int(labels.max())
+    return relabel_raster(labels, min_size=params.min_area_um2 / px_area_um2)
+
+
+def _semantic_instances(
+    components: np.ndarray, px_area_um2: float, params: PostprocessParams, mpp: float
+) -> np.ndarray:
+    """Semantic mode of :func:`label_nuclei` on labelled components (any ids, 0 background)."""
+    components = _fill_enclosed_holes(components, HOLE_MAX_UM2 / px_area_um2)
+    foreground = components > 0
+    # Pad with background so that the array edge counts as background, as the slide edge does.
+    edt = ndi.distance_transform_edt(np.pad(foreground, 1))[1:-1, 1:-1]
+    relief = _smooth_within_components(edt, components, SMOOTHING_SIGMA_PX)
+    # A component whose relief has a single regional maximum gets a single marker, so it is one
+    # instance whatever the marker search and watershed would do: only the others need them.
+    multi = _multi_peak_components(relief, components)
+    split = np.isin(components, np.flatnonzero(multi)) if multi.any() else np.zeros(components.shape, bool)
+    labels = np.where(split, 0, components).astype(np.int64)
+    if split.any():
+        parts = np.where(split, components, 0)
+        markers = _distance_maxima(np.where(split, relief, 0.0), parts, params.marker_min_distance_um / mpp)
+        offset = int(components.max())
+        for index, box in enumerate(ndi.find_objects(parts), start=1):
+            if box is None:
+                continue
+            # One component at a time: the watershed breaks ties between markers of equal height
+            # by heap order, which would otherwise depend on the other components in the array.
+            inside = parts[box] == index
+            grown = watershed(
+                -relief[box],
+                np.where(inside, markers[box], 0),
+                mask=inside,
+                connectivity=2,
+                compactness=params.compactness,
+            )
+            labels[box][inside] = grown[inside].astype(np.int64) + offset
     return relabel_raster(labels, min_size=params.min_area_um2 / px_area_um2)
 
 
@@ -394,13 +408,21 @@ def _distance_maxima(dist: np.ndarray, components: np.ndarray, min_distance_px: 
     height = domes.ravel()[first]  # plateaus are flat: any pixel gives the height
     component = components.ravel()[first]
     counts = np.bincount(flat, minlength=n + 1)[1:]
-    rows, cols = np.divmod(np.arange(flat.size), plateaus.shape[1])
-    cy = np.bincount(flat, weights=rows, minlength=n + 1)[1:] / counts
-    cx = np.bincount(flat, weights=cols, minlength=n + 1)[1:] / counts
+    # Centroids in each component's own frame (from its box corner), so that they, and which markers
+    # are closer than the minimum distance, do not depend on where the component lies in the array.
+    corners = np.array([(s[0].start, s[1].start) if s is not None else (0, 0) for s in ndi.find_objects(components)])
+    where = np.flatnonzero(flat)
+    rows, cols = np.divmod(where, plateaus.shape[1])
+    corner = corners[components.ravel()[where] - 1]
+    cy = np.bincount(flat[where], weights=rows - corner[:, 0], minlength=n + 1)[1:] / counts
+    cx = np.bincount(flat[where], weights=cols - corner[:, 1], minlength=n + 1)[1:] / counts
 
     keep = np.ones(n, dtype=bool)
     if min_distance_px > 0 and n > 1:
-        pairs = cKDTree(np.column_stack([cy, cx])).query_pairs(r=min_distance_px, output_type="ndarray")
+        # A third axis keeps components apart: markers of one component share it exactly.
+        apart = component.astype(np.float64) * (2.0 * min_distance_px + 2.0)
+        points = np.column_stack([cy, cx, apart])
+        pairs = cKDTree(points).query_pairs(r=min_distance_px, output_type="ndarray")
         pairs = pairs[component[pairs[:, 0]] == component[pairs[:, 1]]]
         if len(pairs):
             # Greedy: visit markers highest first (ties: earlier raster position first, so the

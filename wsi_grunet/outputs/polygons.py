@@ -338,13 +338,16 @@ def nuclei_records(
     f = float(level0_per_model)
     width = labels.shape[1]
     # One pass over the array for every per-pixel sum (ids index the bins).
-    flat = labels.ravel()
+    # Over the nuclei's pixels only (a tile is mostly background); each bin still adds its pixels in
+    # raster order, so the sums are those of a pass over the whole array.
+    where = np.flatnonzero(labels)
+    flat = labels.ravel()[where]
     n = len(boxes) + 1
-    rows, cols = np.divmod(np.arange(flat.size, dtype=np.int64), width)
+    rows, cols = np.divmod(where, width)
     counts = np.bincount(flat, minlength=n)
     sum_y = np.bincount(flat, weights=rows, minlength=n)
     sum_x = np.bincount(flat, weights=cols, minlength=n)
-    sum_p = np.bincount(flat, weights=np.asarray(prob, dtype=np.float64).ravel(), minlength=n)
+    sum_p = np.bincount(flat, weights=np.asarray(prob, dtype=np.float64).ravel()[where], minlength=n)
     # Padded once (beyond the array: background, probability 0), so every crop has its one-pixel margin.
     padded_labels = np.pad(labels, 1)
     padded_prob = np.pad(np.asarray(prob, dtype=np.float64), 1)

@@ -123,14 +123,16 @@ class SlideReader:
         handles negative locations inexactly for non-integral downsamples).
         """
         level_w, level_h = self.info.level_dimensions[level]
-        strip = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
         cy0, cx0 = max(y0, 0), max(x0, 0)
         cy1, cx1 = min(y1, level_h), min(x1, level_w)
         if cy1 <= cy0 or cx1 <= cx0:
-            return strip, float(y0), float(x0)
-        region = self._backend.read_region(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+            return np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8), float(y0), float(x0)
+        region = composite_on_white(self._backend.read_region(level, cx0, cy0, cx1 - cx0, cy1 - cy0))
         origin_x, origin_y = self._backend.region_origin(level, cx0, cy0)
-        strip[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = composite_on_white(region)
+        if (cy0, cx0, cy1, cx1) == (y0, x0, y1, x1):
+            return region, origin_y, origin_x  # wholly inside the level: no white border to add
+        strip = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
+        strip[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = region
         return strip, origin_y - (cy0 - y0), origin_x - (cx0 - x0)
 
     def _read_scaled(self, box: Box, plan: ReadPlan) -> np.ndarray:
