@@ -138,6 +138,7 @@ def main() -> int:
                 "pyramid_s",
                 "vectors_s",
                 "preview_s",
+                "finish_s",
                 "total_s",
             )
         },

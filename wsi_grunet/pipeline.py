@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from .nucleus_ids import id_offsets
 from .outputs.geojson import assemble_gzip_collection
 from .outputs.preview import InsetSource, render_preview
 from .outputs.table import assemble_table
-from .outputs.zarr_store import OmeZarrWriter
+from .outputs.zarr_store import LABELS_PATH, OmeZarrWriter, downsample_shard_after
 from .plan import SlidePlan, plan_slide
 from .postprocess import PostprocessParams
 from .tile_work import (
@@ -231,29 +232,28 @@ def infer_slide(work: SlideWork, backend: InferenceBackend, progress: bool) -> N
     work.timings.update(work.tile_run.timings)
 
 
-def _write_vectors(
+def _submit_vectors(
     client: Client, work: SlideWork, counts: dict[int, int], offsets: dict[int, int], cfg: RunConfig
-) -> int:
-    """GeoJSON and table: workers serialise each tile's nuclei, this process joins the pieces in id
-    order (streamed; never all nuclei in memory)."""
+) -> list:
+    """Workers serialise each tile's nuclei with their slide-wide ids (GeoJSON and table pieces)."""
     geojson, table = "geojson" in cfg.output.formats, "parquet" in cfg.output.formats
+    if not (geojson or table):
+        return []
     owners = sorted(i for i in counts if counts[i])
+    args = (work.final_dir.name, geojson, table)
     futures = [
-        client.submit(
-            write_tile_vectors,
-            str(work.work_dir),
-            index,
-            offsets[index],
-            n > 0,
-            work.final_dir.name,
-            geojson,
-            table,
-            pure=False,
-        )
+        client.submit(write_tile_vectors, str(work.work_dir), index, offsets[index], n > 0, *args, pure=False)
         for n, index in enumerate(owners)
     ]
     work.ledger.writing.extend(futures)
-    written = sum(client.gather(futures)) if (geojson or table) else sum(counts.values())
+    return futures
+
+
+def _assemble_vectors(client: Client, work: SlideWork, futures: list, counts: dict[int, int], cfg: RunConfig) -> int:
+    """Join the tiles' pieces in id order (streamed; never all nuclei in memory); the number written."""
+    geojson, table = "geojson" in cfg.output.formats, "parquet" in cfg.output.formats
+    owners = sorted(i for i in counts if counts[i])
+    written = sum(client.gather(futures)) if futures else sum(counts.values())
     if geojson:
         assemble_gzip_collection(
             work.tmp_dir / "nuclei.geojson.gz", (tile_files(work.work_dir, i).features for i in owners)
@@ -261,6 +261,37 @@ def _write_vectors(
     if table:
         assemble_table(work.tmp_dir / "nuclei.parquet", (tile_files(work.work_dir, i).table for i in owners))
     return written
+
+
+def _submit_zarr(client: Client, work: SlideWork, counts: dict[int, int], offsets: dict[int, int]) -> tuple[list, list]:
+    """Label shards, the RGB of tiles without tissue, then the pyramid: each level of the image and of
+    the labels as soon as the level above it is written. Returns (level-0 writes, pyramid tasks)."""
+    plan, zarr_path = work.plan, work.ctx.zarr_path
+    assert zarr_path is not None  # only called when the slide has an OME-Zarr
+    jobs = label_shard_jobs(plan.all_tiles(), counts, offsets, plan.grid)
+    labels = [
+        client.submit(write_label_shard, core, sources, zarr_path, str(work.work_dir), pure=False)
+        for core, sources in jobs
+    ]
+    image: list[Any] = []
+    if work.ctx.rgb_reader is not None:  # the RGB of the tiles without tissue, one task per core
+        run = set(plan.tissue_tiles)
+        image = [
+            client.submit(write_rgb_core, work.ctx, tile, pure=False)
+            for tile in plan.all_tiles()
+            if tile.index not in run
+        ]
+    writer = OmeZarrWriter.open(zarr_path)
+    above = {"": image, LABELS_PATH: labels}
+    pyramid: list[Any] = []
+    for level in range(1, writer.levels):
+        this_level: dict[str, list] = {group: [] for group in above}
+        for args in writer.pyramid_tasks(level):
+            this_level[args[1]].append(client.submit(downsample_shard_after, above[args[1]], *args, pure=False))
+        above = this_level
+        pyramid += [future for futures in this_level.values() for future in futures]
+    work.ledger.writing.extend(image + labels + pyramid)
+    return image + labels, pyramid
 
 
 def _write_preview(work: SlideWork, owners: list[int], cfg: RunConfig, total: int) -> None:
@@ -300,35 +331,29 @@ def finish_slide(
     offsets = id_offsets(counts, counts)
     total = sum(counts.values())
     formats = [f for f in ALL_FORMATS if f in cfg.output.formats]
-    if work.ctx.zarr_path is not None:
-        t = time.perf_counter()
-        jobs = label_shard_jobs(plan.all_tiles(), counts, offsets, plan.grid)
-        futures: list[Any] = [
-            client.submit(write_label_shard, core, sources, work.ctx.zarr_path, str(work.work_dir), pure=False)
-            for core, sources in jobs
-        ]
-        if work.ctx.rgb_reader is not None:  # the RGB of the tiles without tissue, one task per core
-            run = set(plan.tissue_tiles)
-            futures += [
-                client.submit(write_rgb_core, work.ctx, tile, pure=False)
-                for tile in plan.all_tiles()
-                if tile.index not in run
-            ]
-        work.ledger.writing.extend(futures)
-        client.gather(futures)
-        timings["labels_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        OmeZarrWriter.open(work.ctx.zarr_path).build_pyramid(client.get_executor(pure=False))
-        timings["pyramid_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    written = _write_vectors(client, work, counts, offsets, cfg)
-    if written != total:
-        raise RuntimeError(f"{plan.slide}: {written} nuclei in the vector outputs but {total} in the tiles")
-    timings["vectors_s"] = time.perf_counter() - t
-    if "preview" in formats:
-        t = time.perf_counter()
-        _write_preview(work, sorted(i for i in counts if counts[i]), cfg, total)
-        timings["preview_s"] = time.perf_counter() - t
+    # Everything below runs side by side: zarr writes and vector pieces on the workers, the preview in a
+    # thread here while this thread joins the vector pieces. Each stage's time is from the start of
+    # finishing to its end, so the stages overlap.
+    start = time.perf_counter()
+    level0, pyramid = _submit_zarr(client, work, counts, offsets) if work.ctx.zarr_path is not None else ([], [])
+    vectors = _submit_vectors(client, work, counts, offsets, cfg)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview") as pool:
+        preview = None
+        if "preview" in formats:
+            preview = pool.submit(_write_preview, work, sorted(i for i in counts if counts[i]), cfg, total)
+        written = _assemble_vectors(client, work, vectors, counts, cfg)
+        if written != total:
+            raise RuntimeError(f"{plan.slide}: {written} nuclei in the vector outputs but {total} in the tiles")
+        timings["vectors_s"] = time.perf_counter() - start
+        if work.ctx.zarr_path is not None:
+            client.gather(level0)
+            timings["labels_s"] = time.perf_counter() - start
+            client.gather(pyramid)
+            timings["pyramid_s"] = time.perf_counter() - start
+        if preview is not None:
+            preview.result()
+            timings["preview_s"] = time.perf_counter() - start
+    timings["finish_s"] = time.perf_counter() - start
     shutil.rmtree(work.work_dir)
     timings["total_s"] = time.perf_counter() - work.started
     n_tiles = len(plan.tissue_tiles)

@@ -66,6 +66,23 @@ def tile_files(work_dir: str | Path, index: int) -> TileFiles:
     return TileFiles(*(stem.with_name(stem.name + suffix) for suffix in suffixes))
 
 
+def save_owned_labels(path: Path, labels: np.ndarray) -> None:
+    """A tile's owned labels as their pixels only (raster index over the read box, label): a tile is
+    mostly background, and each neighbouring core's label task reads this file again, so it is kept
+    small and uncompressed (no inflating of the whole box per read)."""
+    where = np.flatnonzero(labels)
+    np.savez(path, index=where.astype(np.int64), value=labels.ravel()[where])
+
+
+def owned_label_pixels(path: Path, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, labels) of the pixels saved by :func:`save_owned_labels`, in the read box of
+    ``width`` columns."""
+    with np.load(path) as data:
+        index, value = data["index"], data["value"]
+    rows, cols = np.divmod(index, width)
+    return rows, cols, value
+
+
 def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.ndarray | None = None) -> TileResult:
     """Post-process one tile (probability over its read box, any float dtype)."""
     start = time.perf_counter()
@@ -81,7 +98,7 @@ def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.nd
     files = tile_files(ctx.work_dir, tile.index)
     records = []
     if owned.count:
-        np.savez_compressed(files.labels, labels=owned.labels)
+        save_owned_labels(files.labels, owned.labels)
         # Outlines follow the probability at the threshold the nuclei were labelled with.
         records = nuclei_records(
             owned.labels,

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
@@ -42,14 +43,16 @@ def nucleus_uuid(slide_name: str, nucleus_id: int) -> str:
     return str(uuid.uuid5(NUCLEUS_ID_NAMESPACE, f"{slide_name}/{int(nucleus_id)}"))
 
 
-def _ring(coords) -> list[list[float]]:
-    return [[round(x, 2), round(y, 2)] for x, y in coords]
+def _ring(ring) -> list[list[float]]:
+    # The coordinates lie on the 0.01 px grid already (set_precision); rounding only drops the float
+    # noise, and numpy's rounding gives Python's round() there, for a whole ring at once.
+    return np.round(shapely.get_coordinates(ring), 2).tolist()
 
 
 def geometry_json(geom: Polygon | MultiPolygon) -> dict:
     """GeoJSON geometry dict of a (precision-reduced) Polygon or MultiPolygon; rings stay closed."""
     if isinstance(geom, Polygon):
-        rings = [_ring(geom.exterior.coords)] + [_ring(r.coords) for r in geom.interiors]
+        rings = [_ring(geom.exterior)] + [_ring(r) for r in geom.interiors]
         return {"type": "Polygon", "coordinates": rings}
     return {"type": "MultiPolygon", "coordinates": [geometry_json(p)["coordinates"] for p in geom.geoms]}
 

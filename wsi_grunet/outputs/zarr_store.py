@@ -159,6 +159,12 @@ def downsample_shard(root: str, group: str, level: int, method: str, box: tuple[
         dst[dst_box.slices()] = down(np.asarray(src[src_box.slices()]))
 
 
+def downsample_shard_after(prerequisites: list, root: str, group: str, level: int, method: str, box: tuple) -> None:
+    """:func:`downsample_shard` as a task that waits for ``prerequisites`` (task results, ignored):
+    the writes of the level above, so levels of the image and the labels can be built side by side."""
+    downsample_shard(root, group, level, method, box)
+
+
 def _axes(channels: bool = False) -> list[dict]:
     space = [{"name": axis, "type": "space", "unit": "micrometer"} for axis in ("y", "x")]
     return ([{"name": "c", "type": "channel"}] if channels else []) + space

@@ -281,12 +281,15 @@ def block_mean(rgb: np.ndarray, factor: int) -> np.ndarray:
 
 
 def composite_on_white(pixels: np.ndarray) -> np.ndarray:
-    """RGB of RGB or non-premultiplied RGBA over a white background (missing slide areas become white)."""
+    """RGB of RGB or non-premultiplied RGBA over a white background (missing slide areas become white).
+
+    Opaque RGBA gives a view of its RGB channels (not contiguous): the resampling filters read it
+    as it is, so the strip is not copied once more."""
     if pixels.shape[-1] == 3:
-        return np.ascontiguousarray(pixels)
+        return pixels
     rgb = pixels[..., :3]
     alpha = pixels[..., 3]
     if alpha.size == 0 or alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+        return rgb
     a = alpha[..., None].astype(np.uint16)
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
