@@ -121,6 +121,13 @@ def main() -> int:
         "model_mpx_per_s": model_px / wall / 1e6,
         "model_mpx_per_s_per_core": model_px / wall / 1e6 / (os.cpu_count() or 1),
         "tissue_mm2_per_s": tissue_mm2 / wall,
+        # Everything but the model, per CPU-second: what CPU cores next to a GPU must sustain.
+        "cpu_s_all_processes": measured["cpu_s"],
+        "model_mpx_per_cpu_s_outside_model": model_px
+        / 1e6
+        / max(
+            measured["cpu_s"] - timings.get("inference_s", 0.0) * report["model"]["inference"].get("threads", 1), 1e-9
+        ),
         "nuclei_per_s": counts["nuclei"] / wall,
         "peak_rss_gb_all_processes": peak_rss / 1e9,
         "peak_pss_gb_all_processes": peak_pss / 1e9,

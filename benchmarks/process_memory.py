@@ -10,6 +10,7 @@ read at most once a second; RSS is cheap and read every ``interval``. Measured: 
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import threading
 import time
@@ -43,8 +44,10 @@ def tree_memory(pid: int, with_pss: bool = True) -> tuple[int, int]:
 def run_measured(
     cmd: list[str], cwd: Path | None = None, env: dict | None = None, log: Path | None = None, interval: float = 0.1
 ) -> dict[str, Any]:
-    """Run ``cmd`` to its end: wall seconds, exit code and the peaks of both sums (bytes)."""
+    """Run ``cmd`` to its end: wall seconds, exit code, the peaks of both sums (bytes) and the CPU seconds
+    (user + system) of the process and every descendant it waited for."""
     peak = {"rss": 0, "pss": 0}
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     handle = open(log, "w") if log else None
     try:
@@ -67,9 +70,12 @@ def run_measured(
     finally:
         if handle:
             handle.close()
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return {
         "wall_s": time.perf_counter() - start,
         "code": code,
+        "cpu_s": cpu_s,
         "peak_rss_bytes": peak["rss"],
         "peak_pss_bytes": peak["pss"],
     }

@@ -142,7 +142,7 @@ class SlideReader:
         level = plan.level
         if plan.copies_level:
             rgb, _, _ = self._read_level(level, box.y0, box.x0, box.y1, box.x1)
-            return np.ascontiguousarray(rgb)
+            return rgb
         s = plan.level_pixels_per_output
         # Shrinking 4x or more: area-average integer blocks first. Block boundaries lie on multiples
         # of the factor in the level grid, so the reduced grid is a virtual level of its own.

@@ -281,15 +281,13 @@ def block_mean(rgb: np.ndarray, factor: int) -> np.ndarray:
 
 
 def composite_on_white(pixels: np.ndarray) -> np.ndarray:
-    """RGB of RGB or non-premultiplied RGBA over a white background (missing slide areas become white).
-
-    Opaque RGBA gives a view of its RGB channels (not contiguous): the resampling filters read it
-    as it is, so the strip is not copied once more."""
+    """RGB of RGB or non-premultiplied RGBA over a white background (missing slide areas become white)."""
     if pixels.shape[-1] == 3:
-        return pixels
+        return np.ascontiguousarray(pixels)
     rgb = pixels[..., :3]
     alpha = pixels[..., 3]
     if alpha.size == 0 or alpha.min() == 255:
-        return rgb
+        # A contiguous copy: the filters read a strided view of RGBA slower than they copy it.
+        return np.ascontiguousarray(rgb)
     a = alpha[..., None].astype(np.uint16)
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
