@@ -28,9 +28,10 @@ from process_memory import run_measured  # benchmarks/ is on sys.path when run a
 def model_only(slide: Path, weights: str | None, options_overrides: list[dict], n_batches: int) -> dict:
     """Tiles per second of the predictor alone on real tiles of the slide (after one warm-up batch)."""
     from wsi_grunet.config import load_config
-    from wsi_grunet.inference import make_predictor, read_tile
+    from wsi_grunet.inference import make_predictor
     from wsi_grunet.model.checkpoint import resolve_weights
     from wsi_grunet.plan import plan_slide
+    from wsi_grunet.tile_work import read_tile
 
     cfg = load_config(None, options_overrides)
     bundle = resolve_weights(weights)

@@ -20,13 +20,13 @@ from wsi_grunet.cli import main
 from wsi_grunet.config import DEFAULT_HALO, load_config
 from wsi_grunet.examples import example_slide
 from wsi_grunet.geometry import Box
-from wsi_grunet.inference import DriverBackend, TileRun, WorkerBackend, make_predictor, read_tile, tile_maps
+from wsi_grunet.inference import DriverBackend, TileRun, WorkerBackend, make_predictor, tile_maps
 from wsi_grunet.model.checkpoint import load_checkpoint, packaged_weights
 from wsi_grunet.model.predictor import Predictor, predict_image
 from wsi_grunet.pipeline import finish_slide, postprocess_params, prepare_slide, run_slide
 from wsi_grunet.postprocess import label_nuclei
 from wsi_grunet.slide.reader import SlideReader
-from wsi_grunet.tile_work import process_tile
+from wsi_grunet.tile_work import process_tile, read_tile
 
 from qupath_contract import check_qupath_feature_collection
 from synthetic import write_rgb_image, write_synthetic_slide
@@ -121,6 +121,8 @@ def _check_border_contract(slide: Path, out: Path, checkpoint: Path, client, til
         backend = DriverBackend(client, make_predictor(bundle, cfg.model), cfg)
         result = run_slide(slide, slide.stem, out / str(tile), cfg, bundle, backend, client, progress=False)
         assert result.status == "ok"
+        # Workers that only read and post-process never load torch (a lambda travels by value).
+        assert not any(client.run(lambda: "torch" in __import__("sys").modules).values())
         root = zarr.open_group(str(out / str(tile) / slide.stem / f"{slide.stem}.ome.zarr"), mode="r")
         stitched = root["0"][:].astype(np.float32) / 255
         diff = np.abs(stitched - single)[inner.slices()]

@@ -9,7 +9,9 @@
   take. Pixels never travel through the driver.
 
 Both bound the tiles in flight (read but not yet post-processed), so memory does not grow with the
-slide, and both return one ``TileResult`` per tile, in tile-index order.
+slide, and both return one ``TileResult`` per tile, in tile-index order. The tasks CPU workers run
+(reads, post-processing) live in ``tile_work``, which never imports torch: a worker that does not
+run the model does not load it (about 200 MB and 1.4 s per worker process).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .errors import CheckpointError
 from .model.checkpoint import ModelBundle, resolve_weights
 from .plan import SlidePlan
 from .slide.reader import open_reader_cached
-from .tile_work import TileContext, TileResult, process_tile
+from .tile_work import TileContext, TileResult, batch_seconds, post_process, post_process_from_batch, read_tile
 from .tiling import Tile, same_shape_batches
 
 log = logging.getLogger(__name__)
@@ -104,14 +106,6 @@ def tile_maps(outputs: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.nd
     return outputs["prob"][k].astype(np.float16), distance
 
 
-def read_tile(reader_args: tuple[str, float, float | None], tile: Tile) -> np.ndarray:
-    return open_reader_cached(*reader_args).read(tile.read)
-
-
-def _post_process(ctx: TileContext, tile: Tile, predicted: tuple[np.ndarray, np.ndarray | None]) -> TileResult:
-    return process_tile(ctx, tile, *predicted)
-
-
 class _Progress:
     def __init__(self, plan: SlidePlan, total: int, enabled: bool) -> None:
         self.bar = tqdm(total=total, desc=plan.name, unit="tile", disable=not enabled)
@@ -172,7 +166,7 @@ class DriverBackend:
             outputs = self.predictor.predict(np.stack([image for _, image in batch]))
             timings["inference_s"] += time.perf_counter() - start
             for k, (tile, _) in enumerate(batch):
-                future = self.client.submit(_post_process, ctx, tile, tile_maps(outputs, k), pure=False)
+                future = self.client.submit(post_process, ctx, tile, tile_maps(outputs, k), pure=False)
                 ledger.writing.append(future)
                 post.append(future)
 
@@ -242,14 +236,6 @@ def predict_tiles_on_worker(
     return [tile_maps(outputs, k) for k in range(len(tiles))], seconds
 
 
-def _post_process_from_batch(ctx: TileContext, tile: Tile, batch: tuple[list, float], k: int) -> TileResult:
-    return process_tile(ctx, tile, *batch[0][k])
-
-
-def _batch_seconds(batch: tuple[list, float]) -> float:
-    return batch[1]
-
-
 class WorkerBackend:
     """Fused read -> predict tasks on ``GPU``-resource workers; post-processing on any worker."""
 
@@ -296,9 +282,9 @@ class WorkerBackend:
                         priority=-batch[0].index,
                     )
                     ledger.pure.append(predicted)
-                    model_s.append(submit(_batch_seconds, predicted, pure=False))
+                    model_s.append(submit(batch_seconds, predicted, pure=False))
                     for k, tile in enumerate(batch):
-                        future = submit(_post_process_from_batch, ctx, tile, predicted, k, pure=False)
+                        future = submit(post_process_from_batch, ctx, tile, predicted, k, pure=False)
                         ledger.writing.append(future)
                         in_flight.append(future)
                 if batches:

@@ -116,6 +116,26 @@ def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.nd
     return TileResult(tile.index, len(records), owned.n_in_cut_groups, time.perf_counter() - start)
 
 
+def read_tile(reader_args: tuple[str, float, float | None], tile: Tile) -> np.ndarray:
+    """The model input of a tile: its read box, uint8 RGB at the model's pixel size."""
+    return open_reader_cached(*reader_args).read(tile.read)
+
+
+def post_process(ctx: TileContext, tile: Tile, predicted: tuple[np.ndarray, np.ndarray | None]) -> TileResult:
+    """:func:`process_tile` on a (probability, distance) pair sent by the driver."""
+    return process_tile(ctx, tile, *predicted)
+
+
+def post_process_from_batch(ctx: TileContext, tile: Tile, batch: tuple[list, float], k: int) -> TileResult:
+    """:func:`process_tile` on tile ``k`` of a GPU worker's batch result (maps, model seconds)."""
+    return process_tile(ctx, tile, *batch[0][k])
+
+
+def batch_seconds(batch: tuple[list, float]) -> float:
+    """The model seconds of a GPU worker's batch result."""
+    return batch[1]
+
+
 def write_rgb_core(ctx: TileContext, tile: Tile) -> None:
     """The RGB slide of a tile that is not run (no tissue): its core's shards, probability 0."""
     if ctx.zarr_path is None or ctx.rgb_reader is None:
