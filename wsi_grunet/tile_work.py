@@ -4,7 +4,8 @@
 is whole shards, so one writer per shard) -> instances over the read box -> the instances this tile
 owns (centroid in its core) -> saved with their measured polygons in the slide's work folder.
 ``write_tile_vectors`` later serialises those records with their slide-wide ids (GeoJSON and Parquet
-pieces that the finishing stage joins in id order).
+pieces that the finishing stage joins in id order). Every task a CPU worker runs is defined here
+(``read_tile``, ``post_process``, ...): this module never imports torch, so neither do those workers.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class TileResult:
 class TileFiles(NamedTuple):
     """A tile's intermediate files in the slide's work folder."""
 
-    labels: Path  # owned instances over the read box (npz, local ids)
+    labels: Path  # owned instances over the read box: their pixels' raster index and local id (npz)
     nuclei: Path  # measured polygons, one JSON line per owned nucleus
     features: Path  # GeoJSON features with global ids (one gzip member)
     table: Path  # Parquet rows with global ids
