@@ -4,8 +4,9 @@
 is whole shards, so one writer per shard) -> instances over the read box -> the instances this tile
 owns (centroid in its core) -> saved with their measured polygons in the slide's work folder.
 ``write_tile_vectors`` later serialises those records with their slide-wide ids (GeoJSON and Parquet
-pieces that the finishing stage joins in id order). Every task a CPU worker runs is defined here
-(``read_tile``, ``post_process``, ...): this module never imports torch, so neither do those workers.
+pieces that the finishing stage joins in id order). The reading and post-processing tasks of CPU
+workers are defined here (``read_tile``, ``post_process``, ...): this module, like the label and zarr
+writers, never imports torch, so neither do those workers.
 """
 
 from __future__ import annotations
