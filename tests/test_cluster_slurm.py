@@ -206,3 +206,16 @@ def test_scheduler_knows_the_pipeline_task_durations():
         assert client.run_on_scheduler(first_guess, name="something_else") == -1  # unknown: the global default
         assert client.submit(read_tile, 1).result() == 2
     assert client.status == "closed"
+
+
+def test_task_durations_name_the_functions_the_pipeline_submits():
+    """Dask keys durations by function name: a renamed task would silently lose its estimate."""
+    import wsi_grunet.inference
+    import wsi_grunet.label_image
+    import wsi_grunet.outputs.zarr_store
+    import wsi_grunet.tile_work
+    from wsi_grunet.cluster import TASK_DURATIONS
+
+    modules = (wsi_grunet.inference, wsi_grunet.label_image, wsi_grunet.outputs.zarr_store, wsi_grunet.tile_work)
+    defined = {name for module in modules for name, value in vars(module).items() if callable(value)}
+    assert set(TASK_DURATIONS) <= defined, sorted(set(TASK_DURATIONS) - defined)

@@ -42,13 +42,13 @@ GPU_RESOURCE = "GPU"  # the Dask resource GPU workers advertise; same name as in
 # for too few jobs at the start of a cohort and waits until the first tasks have finished.
 TASK_DURATIONS: dict[str, str] = {
     "read_tile": "1s",
-    "_post_process": "3s",
+    "post_process": "3s",
     "predict_tiles_on_worker": "20s",  # read + model on a batch of tiles
-    "_post_process_from_batch": "3s",
-    "_batch_seconds": "1ms",
+    "post_process_from_batch": "3s",
+    "batch_seconds": "1ms",
     "write_label_shard": "1s",
     "write_rgb_core": "1s",
-    "downsample_shard": "500ms",
+    "downsample_shard_after": "500ms",
     "write_tile_vectors": "500ms",
 }
 
