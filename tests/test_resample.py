@@ -9,17 +9,6 @@ from wsi_grunet.geometry import Box
 from wsi_grunet.slide import resample as rs
 
 
-def general_filter(strip: np.ndarray, box: Box, s: float, origin_y: float, origin_x: float) -> np.ndarray:
-    """The general path of ``resample`` (sparse products of the filter taps), whatever ``s`` is."""
-    ky, wy = rs.filter_taps(box.y0, box.height, s, origin_y, strip.shape[0])
-    kx, wx = rs.filter_taps(box.x0, box.width, s, origin_x, strip.shape[1])
-    n_y, n_x = strip.shape[:2]
-    rows = rs._taps_matrix(ky, wy, n_y) @ strip.reshape(n_y, n_x * 3).astype(np.float32)
-    columns = rows.reshape(box.height, n_x, 3).transpose(1, 0, 2).reshape(n_x, box.height * 3)
-    out = (rs._taps_matrix(kx, wx, n_x) @ columns).reshape(box.width, box.height, 3).transpose(1, 0, 2)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_halving_equals_the_general_filter(seed: int):
     rng = np.random.default_rng(seed)
@@ -37,7 +26,7 @@ def test_halving_equals_the_general_filter(seed: int):
             strip = rng.integers(0, 256, shape, dtype=np.uint8)
         origin_y, origin_x = float(sy0 - extra_y), float(sx0 - extra_x)
         fast = rs.resample(strip, box, 2.0, origin_y, origin_x)
-        np.testing.assert_array_equal(fast, general_filter(strip, box, 2.0, origin_y, origin_x))
+        np.testing.assert_array_equal(fast, rs.triangle_filter(strip, box, 2.0, origin_y, origin_x))
 
 
 def test_halving_takes_strided_views_and_rejects_short_strips():
@@ -47,7 +36,7 @@ def test_halving_takes_strided_views_and_rejects_short_strips():
     view = rgba[..., :3]  # what a reader may pass without copying
     assert not view.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(
-        rs.resample(view, box, 2.0, 0.0, 0.0), general_filter(view.copy(), box, 2.0, 0.0, 0.0)
+        rs.resample(view, box, 2.0, 0.0, 0.0), rs.triangle_filter(view.copy(), box, 2.0, 0.0, 0.0)
     )
     with pytest.raises(RuntimeError, match="too small"):
         rs.halve(view[:20], Box(0, 0, 12, 12), 0, 0)

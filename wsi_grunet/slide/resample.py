@@ -228,6 +228,11 @@ def resample(strip: np.ndarray, box: Box, s: float, origin_y: float, origin_x: f
     """
     if s == 2.0 and is_integral(origin_y) and is_integral(origin_x):
         return halve(strip, box, round(origin_y), round(origin_x))
+    return triangle_filter(strip, box, s, origin_y, origin_x)
+
+
+def triangle_filter(strip: np.ndarray, box: Box, s: float, origin_y: float, origin_x: float) -> np.ndarray:
+    """The general path of :func:`resample`, for any ``s``: rows, then columns, as sparse products."""
     ky, wy = filter_taps(box.y0, box.height, s, origin_y, strip.shape[0])
     kx, wx = filter_taps(box.x0, box.width, s, origin_x, strip.shape[1])
     n_in_y, n_in_x = strip.shape[:2]
