@@ -10,8 +10,8 @@ from scipy import ndimage as ndi
 
 from wsi_grunet.errors import StitchContractError
 from wsi_grunet.geometry import Box
-from wsi_grunet.ownership import compact_ids, owned_instances
-from wsi_grunet.postprocess import PostprocessParams, label_nuclei
+from wsi_grunet.ownership import owned_instances
+from wsi_grunet.postprocess import PostprocessParams, compact_ids, label_nuclei
 
 MPP = 0.5
 OUTSIDE = 999  # junk label painted where a read box leaves the slide: must never be owned

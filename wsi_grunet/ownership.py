@@ -36,6 +36,7 @@ from scipy.sparse.csgraph import connected_components
 
 from .errors import StitchContractError
 from .geometry import Box
+from .postprocess import compact_ids
 
 
 @dataclass(frozen=True)
@@ -144,34 +145,6 @@ def owned_instances(
         centroids=centroids,
         n_in_cut_groups=int(in_cut_groups.sum()),
     )
-
-
-def compact_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ids of ``labels`` (non-negative ints) with background first, each id's first raster index
-    (-1 for a background that is absent) and the labels renumbered 0..n-1 in id order.
-
-    The same as ``np.unique(..., return_index=True, return_inverse=True)`` with 0 put first, by
-    counting instead of sorting when the ids are small (they are: labels come numbered 1..n).
-    """
-    flat = labels.ravel()
-    if flat.size == 0 or flat.min() < 0 or flat.max() >= 4 * flat.size + 1024:
-        ids, first, compact = np.unique(flat, return_index=True, return_inverse=True)
-        compact = compact.reshape(labels.shape)
-        if ids.size == 0 or ids[0] != 0:
-            ids, first, compact = np.concatenate([[0], ids]), np.concatenate([[-1], first]), compact + 1
-        return ids, first, compact
-    present = np.bincount(flat) > 0
-    background = bool(present[0])
-    present[0] = True
-    ids = np.flatnonzero(present)
-    renumber = np.zeros(len(present), dtype=np.int64)
-    renumber[ids] = np.arange(len(ids))
-    compact = renumber[labels]
-    where = np.flatnonzero(flat)
-    first = np.full(len(ids), flat.size, dtype=np.int64)
-    np.minimum.at(first, compact.ravel()[where], where)
-    first[0] = np.argmax(flat == 0) if background else -1
-    return ids, first, compact
 
 
 def _touching_inner_border(compact: np.ndarray, read: Box, slide_shape: tuple[int, int], n: int) -> np.ndarray:

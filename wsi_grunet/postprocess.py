@@ -196,12 +196,20 @@ def _semantic_instances(
     return relabel_raster(labels, min_size=params.min_area_um2 / px_area_um2)
 
 
+def _countable(flat: np.ndarray) -> bool:
+    """Integer ids small enough to count with ``np.bincount`` instead of sorting (labels numbered
+    1..n always are)."""
+    return bool(
+        flat.size and np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0 and flat.max() < 4 * flat.size + 1024
+    )
+
+
 def relabel_raster(labels: np.ndarray, min_size: float = 0.0) -> np.ndarray:
     """Renumber labels 1..n in raster order of each label's first pixel; drop labels with fewer
     than ``min_size`` pixels. Returns int32; 0 stays background."""
     labels = np.asarray(labels)
     flat = labels.ravel()
-    if flat.size and np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0 and flat.max() < 4 * flat.size + 1024:
+    if _countable(flat):
         # Counting instead of sorting: linear in pixels, same result as the np.unique path below.
         n = int(flat.max()) + 1
         counts = np.bincount(flat, minlength=n)
@@ -220,6 +228,34 @@ def relabel_raster(labels: np.ndarray, min_size: float = 0.0) -> np.ndarray:
     lut = np.zeros(len(ids), dtype=np.int32)
     lut[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
     return lut[inverse].reshape(np.shape(labels))
+
+
+def compact_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ids of ``labels`` (non-negative ints) with background first, each id's first raster index
+    (-1 for a background that is absent) and the labels renumbered 0..n-1 in id order.
+
+    The same as ``np.unique(..., return_index=True, return_inverse=True)`` with 0 put first, by
+    counting instead of sorting when the ids are small (they are: labels come numbered 1..n).
+    """
+    flat = labels.ravel()
+    if not _countable(flat):
+        ids, first, compact = np.unique(flat, return_index=True, return_inverse=True)
+        compact = compact.reshape(labels.shape)
+        if ids.size == 0 or ids[0] != 0:
+            ids, first, compact = np.concatenate([[0], ids]), np.concatenate([[-1], first]), compact + 1
+        return ids, first, compact
+    present = np.bincount(flat) > 0
+    background = bool(present[0])
+    present[0] = True
+    ids = np.flatnonzero(present)
+    renumber = np.zeros(len(present), dtype=np.int64)
+    renumber[ids] = np.arange(len(ids))
+    compact = renumber[labels]
+    where = np.flatnonzero(flat)
+    first = np.full(len(ids), flat.size, dtype=np.int64)
+    np.minimum.at(first, compact.ravel()[where], where)
+    first[0] = np.argmax(flat == 0) if background else -1
+    return ids, first, compact
 
 
 def _fill_enclosed_holes(components: np.ndarray, max_hole_px: float) -> np.ndarray:
