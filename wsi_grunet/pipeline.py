@@ -233,13 +233,12 @@ def infer_slide(work: SlideWork, backend: InferenceBackend, progress: bool) -> N
 
 
 def _submit_vectors(
-    client: Client, work: SlideWork, counts: dict[int, int], offsets: dict[int, int], cfg: RunConfig
+    client: Client, work: SlideWork, owners: list[int], offsets: dict[int, int], cfg: RunConfig
 ) -> list:
-    """Workers serialise each tile's nuclei with their slide-wide ids (GeoJSON and table pieces)."""
+    """Workers serialise each owning tile's nuclei with their slide-wide ids (GeoJSON and table pieces)."""
     geojson, table = "geojson" in cfg.output.formats, "parquet" in cfg.output.formats
     if not (geojson or table):
         return []
-    owners = sorted(i for i in counts if counts[i])
     args = (work.final_dir.name, geojson, table)
     futures = [
         client.submit(write_tile_vectors, str(work.work_dir), index, offsets[index], n > 0, *args, pure=False)
@@ -249,18 +248,14 @@ def _submit_vectors(
     return futures
 
 
-def _assemble_vectors(client: Client, work: SlideWork, futures: list, counts: dict[int, int], cfg: RunConfig) -> int:
-    """Join the tiles' pieces in id order (streamed; never all nuclei in memory); the number written."""
-    geojson, table = "geojson" in cfg.output.formats, "parquet" in cfg.output.formats
-    owners = sorted(i for i in counts if counts[i])
-    written = sum(client.gather(futures)) if futures else sum(counts.values())
-    if geojson:
+def _assemble_vectors(work: SlideWork, owners: list[int], cfg: RunConfig) -> None:
+    """Join the tiles' pieces in id order (streamed; never all nuclei in memory)."""
+    if "geojson" in cfg.output.formats:
         assemble_gzip_collection(
             work.tmp_dir / "nuclei.geojson.gz", (tile_files(work.work_dir, i).features for i in owners)
         )
-    if table:
+    if "parquet" in cfg.output.formats:
         assemble_table(work.tmp_dir / "nuclei.parquet", (tile_files(work.work_dir, i).table for i in owners))
-    return written
 
 
 def _submit_zarr(client: Client, work: SlideWork, counts: dict[int, int], offsets: dict[int, int]) -> tuple[list, list]:
@@ -335,13 +330,15 @@ def finish_slide(
     # thread here while this thread joins the vector pieces. Each stage's time is from the start of
     # finishing to its end, so the stages overlap.
     start = time.perf_counter()
+    owners = sorted(i for i in counts if counts[i])  # tiles that own nuclei, in id order
     level0, pyramid = _submit_zarr(client, work, counts, offsets) if work.ctx.zarr_path is not None else ([], [])
-    vectors = _submit_vectors(client, work, counts, offsets, cfg)
+    vectors = _submit_vectors(client, work, owners, offsets, cfg)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview") as pool:
         preview = None
         if "preview" in formats:
-            preview = pool.submit(_write_preview, work, sorted(i for i in counts if counts[i]), cfg, total)
-        written = _assemble_vectors(client, work, vectors, counts, cfg)
+            preview = pool.submit(_write_preview, work, owners, cfg, total)
+        written = sum(client.gather(vectors)) if vectors else total
+        _assemble_vectors(work, owners, cfg)
         if written != total:
             raise RuntimeError(f"{plan.slide}: {written} nuclei in the vector outputs but {total} in the tiles")
         timings["vectors_s"] = time.perf_counter() - start
