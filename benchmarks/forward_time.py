@@ -1,7 +1,7 @@
 """GRU-Net forward passes on CPU per tile shape, with glibc's default allocator or the retained heap.
 
     python benchmarks/forward_time.py --heap default|retain [--amp bf16] [--layout channels_last|nchw]
-        [--repeats 2] [--json OUT] 1152x1152 1152x320 512x512 ...
+        [--layers inference-form|as-trained] [--repeats 2] [--json OUT] 1152x1152 1152x320 512x512 ...
 
 One process per heap mode (the setting cannot be undone in a process). Each shape gets two warm-up
 passes (oneDNN picks kernels per shape), then the fastest of ``--repeats`` passes is reported, with
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--heap", choices=("default", "retain"), default="retain")
     parser.add_argument("--amp", default="bf16")
     parser.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last")
+    parser.add_argument("--layers", choices=("inference-form", "as-trained"), default="inference-form")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -40,6 +41,7 @@ def main() -> None:
         channels_last=args.layout == "channels_last",
         tta="none",
         retain_heap=args.heap == "retain",
+        fuse=args.layers == "inference-form",
     )
     rows = []
     for spec in args.shapes:

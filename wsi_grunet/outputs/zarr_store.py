@@ -52,6 +52,9 @@ LABELS_PATH = f"labels/{LABELS_NAME}"
 # Channels of the image with the RGB slide: (label, colour of napari's colormap black -> colour).
 RGB_CHANNELS = (("nucleus probability", "00FF00"), ("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
 _INT32_MAX = np.iinfo(np.int32).max
+# Blosc's clevel 2 is zstd level 3; its clevel 5 (zstd level 9) made 8 % smaller probability chunks for
+# ten times the CPU (benchmarks/RESULTS.md).
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=2, shuffle="shuffle")
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -336,7 +339,7 @@ class OmeZarrWriter:
                     dtype=dtype,
                     chunks=(*[1] * len(channels), self.chunk, self.chunk),  # one channel per chunk
                     shards=(*channels, *self.shard_shape(level)),  # all channels of a region in one shard
-                    compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
+                    compressors=_COMPRESSOR,
                     fill_value=0,
                     dimension_names=("c", "y", "x") if channels else ("y", "x"),
                 )

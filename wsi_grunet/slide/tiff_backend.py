@@ -160,6 +160,7 @@ class TiffBackend:
         self._layout = _layout(path, series)
         levels = list(series.levels)
         _check_pages(path, levels)
+        self._levels = levels
         dims = []
         for level in levels:
             if level.axes != series.axes:
@@ -197,6 +198,17 @@ class TiffBackend:
     @property
     def properties(self) -> Mapping[str, str]:
         return self._properties
+
+    def level_tile_shape(self, level: int) -> tuple[int, int] | None:
+        """(tile height, tile width) of a level stored as tiles of interleaved 3-sample RGB with every
+        tile present; None for any other level (strips, alpha, planar samples, missing tiles)."""
+        series = self._levels[level]
+        page = series.keyframe
+        if not page.is_tiled or self._layout != "interleaved" or page.samplesperpixel != 3:
+            return None
+        if any(not all(p.databytecounts) for p in series.pages):
+            return None
+        return int(page.tilelength), int(page.tilewidth)
 
     def region_origin(self, level: int, x: int, y: int) -> tuple[float, float]:
         """Reads start exactly where asked (level pixels)."""
