@@ -469,6 +469,40 @@ def test_worker_backend_equals_driver_backend(disc_checkpoint, client, gpu_clien
         assert _features(tmp_path / f"driver{tile}" / "discs") == _features(tmp_path / f"workers{tile}" / "discs")
 
 
+def test_slide_rgb_in_the_zarr_is_the_slide_at_model_resolution(disc_checkpoint, client, gpu_client, tmp_path):
+    """With output.slide_rgb, both backends store each tissue tile's core cut from the tile's own read
+    (decoded once) and the glass tiles' cores read apart: together exactly the slide read in one box."""
+    slide = tmp_path / "discs.svs"
+    write_synthetic_slide(slide, 1280, 896, mpp=MPP / 2, levels=1, seed=11)  # read at 2x: the halving filter
+    bundle = load_checkpoint(disc_checkpoint)
+    expected = None
+    for name, make_backend in (
+        ("driver", lambda cfg: DriverBackend(client, make_predictor(bundle, cfg.model), cfg)),
+        ("workers", lambda cfg: WorkerBackend(gpu_client, bundle, cfg)),
+    ):
+        cfg = load_config(
+            None,
+            [
+                {
+                    "model": {"weights": str(disc_checkpoint), "device": "cpu", "amp": "fp32", "tta": "none"},
+                    "tiling": {"tile_size": 256, "halo": 64},
+                    "output": {"chunk": 64, "pyramid_levels": 2, "slide_rgb": True},
+                }
+            ],
+        )
+        active = gpu_client if name == "workers" else client
+        result = run_slide(slide, "discs", tmp_path / name, cfg, bundle, make_backend(cfg), active, progress=False)
+        assert result.status == "ok" and result.nuclei > 10
+        plan = json.loads((tmp_path / name / "discs" / "plan.json").read_text())
+        assert 0 < len(plan["tissue_tiles"]), "want tiles with tissue"
+        image, _ = _zarr_outputs(tmp_path / name / "discs", "discs")
+        if expected is None:
+            reader = SlideReader(slide, MPP)
+            expected = np.moveaxis(reader.read(Box(0, 0, *reader.model_shape)), -1, 0)
+        assert image.shape[0] == 4
+        np.testing.assert_array_equal(image[1:], expected)
+
+
 def test_tile_order_does_not_change_ids_or_outputs(disc_checkpoint, client, tmp_path):
     """Tiles finishing in another order give the same label image, ids, GeoJSON and table."""
     slide = tmp_path / "discs.svs"

@@ -32,7 +32,15 @@ from .errors import CheckpointError
 from .model.checkpoint import ModelBundle, resolve_weights
 from .plan import SlidePlan
 from .slide.reader import open_reader_cached
-from .tile_work import TileContext, TileResult, batch_seconds, post_process, post_process_from_batch, read_tile
+from .tile_work import (
+    TileContext,
+    TileResult,
+    batch_seconds,
+    core_of_read,
+    post_process,
+    post_process_from_batch,
+    read_tile,
+)
 from .tiling import Tile, same_shape_batches
 
 log = logging.getLogger(__name__)
@@ -161,17 +169,20 @@ class DriverBackend:
                 post.remove(future)
                 bar.bar.update(1)
 
-        def predict(batch: list[tuple[Tile, np.ndarray]]) -> None:
+        def predict(batch: list[tuple[Tile, np.ndarray, Future]]) -> None:
             start = time.perf_counter()
-            outputs = self.predictor.predict(np.stack([image for _, image in batch]))
+            outputs = self.predictor.predict(np.stack([image for _, image, _ in batch]))
             timings["inference_s"] += time.perf_counter() - start
-            for k, (tile, _) in enumerate(batch):
-                future = self.client.submit(post_process, ctx, tile, tile_maps(outputs, k), pure=False)
+            for k, (tile, _, read) in enumerate(batch):
+                # The read stays on its worker for the zarr's RGB (post-processing runs there by locality).
+                image = read if ctx.rgb_reader is not None else None
+                future = self.client.submit(post_process, ctx, tile, tile_maps(outputs, k), image, pure=False)
+                read.release()
                 ledger.writing.append(future)
                 post.append(future)
 
         try:
-            batch: list[tuple[Tile, np.ndarray]] = []
+            batch: list[tuple[Tile, np.ndarray, Future]] = []
             while pending or reads.count() or batch:
                 timings["driver_wakeups"] += 1
                 ledger.prune()
@@ -182,11 +193,10 @@ class DriverBackend:
                     future = next(reads)  # blocks until a read is done
                     timings["read_wait_s"] += time.perf_counter() - start
                     tile, image = tile_of.pop(future.key), future.result()
-                    future.release()
                     if batch and image.shape != batch[0][1].shape:  # a fitted edge tile: one shape per batch
                         predict(batch)
                         batch = []
-                    batch.append((tile, image))
+                    batch.append((tile, image, future))
                 elif batch:
                     predict(batch)
                     batch = []
@@ -225,15 +235,20 @@ def predict_tiles_on_worker(
     options: ModelOptions,
     reader_args: tuple[str, float, float | None],
     tiles: list[Tile],
-) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], float]:
-    """Fused read -> predict for a batch of tiles; returns each tile's maps and the model seconds."""
+    with_rgb: bool = False,
+) -> tuple[list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]], float]:
+    """Fused read -> predict for a batch of tiles; returns each tile's maps (with its core's RGB for the
+    zarr when ``with_rgb``, so it is not decoded twice) and the model seconds."""
     predictor = worker_predictor(weights, sha256, options)
     reader = open_reader_cached(*reader_args)
     images = np.stack([reader.read(tile.read) for tile in tiles])
     start = time.perf_counter()
     outputs = predictor.predict(images)
     seconds = time.perf_counter() - start
-    return [tile_maps(outputs, k) for k in range(len(tiles))], seconds
+    return [
+        (*tile_maps(outputs, k), core_of_read(tile, images[k]).copy() if with_rgb else None)
+        for k, tile in enumerate(tiles)
+    ], seconds
 
 
 class WorkerBackend:
@@ -277,6 +292,7 @@ class WorkerBackend:
                         self.options,
                         reader_args,
                         batch,
+                        ctx.rgb_reader is not None,
                         pure=False,
                         resources={GPU_RESOURCE: 1},
                         priority=-batch[0].index,

@@ -85,14 +85,23 @@ def owned_label_pixels(path: Path, width: int) -> tuple[np.ndarray, np.ndarray, 
     return rows, cols, value
 
 
-def process_tile(ctx: TileContext, tile: Tile, prob: np.ndarray, distance: np.ndarray | None = None) -> TileResult:
-    """Post-process one tile (probability over its read box, any float dtype)."""
+def process_tile(
+    ctx: TileContext,
+    tile: Tile,
+    prob: np.ndarray,
+    distance: np.ndarray | None = None,
+    rgb_core: np.ndarray | None = None,
+) -> TileResult:
+    """Post-process one tile (probability over its read box, any float dtype). ``rgb_core``: the slide's
+    RGB over the tile's core, when the caller has it (it is read again otherwise)."""
     start = time.perf_counter()
     prob = prob.astype(np.float32)
     distance = None if distance is None else distance.astype(np.float32)
     if ctx.zarr_path is not None:
         core_in_read = tile.core.relative_to(tile.read)
-        rgb = None if ctx.rgb_reader is None else open_reader_cached(*ctx.rgb_reader).read(tile.core)
+        rgb = None
+        if ctx.rgb_reader is not None:
+            rgb = rgb_core if rgb_core is not None else open_reader_cached(*ctx.rgb_reader).read(tile.core)
         # The core's shards are this task's alone: probability and RGB go in together.
         OmeZarrWriter.open(ctx.zarr_path).write_probability(tile.core, prob[core_in_read.slices()], rgb)
     labels = label_nuclei(prob, ctx.model_mpp, ctx.params, distance)
@@ -123,9 +132,18 @@ def read_tile(reader_args: tuple[str, float, float | None], tile: Tile) -> np.nd
     return open_reader_cached(*reader_args).read(tile.read)
 
 
-def post_process(ctx: TileContext, tile: Tile, predicted: tuple[np.ndarray, np.ndarray | None]) -> TileResult:
-    """:func:`process_tile` on a (probability, distance) pair sent by the driver."""
-    return process_tile(ctx, tile, *predicted)
+def core_of_read(tile: Tile, image: np.ndarray) -> np.ndarray:
+    """The tile's core cut from its model input (the read box at the model's pixel size): the same
+    pixels as a read of the core, since every output pixel is filtered from the same slide pixels."""
+    return image[tile.core.relative_to(tile.read).slices()]
+
+
+def post_process(
+    ctx: TileContext, tile: Tile, predicted: tuple[np.ndarray, np.ndarray | None], image: np.ndarray | None = None
+) -> TileResult:
+    """:func:`process_tile` on a (probability, distance) pair sent by the driver; ``image`` is the tile's
+    read (a worker's result, so the RGB for the zarr is not decoded twice)."""
+    return process_tile(ctx, tile, *predicted, rgb_core=None if image is None else core_of_read(tile, image))
 
 
 def post_process_from_batch(ctx: TileContext, tile: Tile, batch: tuple[list, float], k: int) -> TileResult:
