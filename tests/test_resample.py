@@ -14,7 +14,8 @@ def test_halving_equals_the_general_filter(seed: int):
     rng = np.random.default_rng(seed)
     for trial in range(60):
         y0, x0 = (int(v) for v in rng.integers(-40, 40, 2))
-        h, w = (int(v) for v in rng.integers(1, 48, 2))
+        # up to 100 rows: the integer path works in blocks of output rows, the last one partial
+        h, w = (int(v) for v in rng.integers(1, 101 if trial % 4 == 1 else 48, 2))
         box = Box(y0, x0, y0 + h, x0 + w)
         sy0, sy1 = rs.source_span(box.y0, box.y1, 2.0)
         sx0, sx1 = rs.source_span(box.x0, box.x1, 2.0)
