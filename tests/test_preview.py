@@ -127,6 +127,24 @@ def test_preview_heat_map_and_inset(tmp_path):
     assert (inset_view[oy + 10, ox + 10] == INSET_RGB).all()  # outlines only, interiors untouched
 
 
+def test_outlines_given_as_wkt_draw_the_same_preview(tmp_path):
+    """The pipeline hands the preview each outline as WKT text (parsed only for the nuclei the inset draws)."""
+    thumb = np.full((100, 150, 3), THUMB_RGB, np.uint8)
+    rng = np.random.default_rng(3)
+    nuclei = [square_nucleus(x, y, half=6.0) for x, y in rng.uniform([100, 100], [1100, 700], size=(200, 2))]
+
+    def read(b: Box) -> np.ndarray:
+        return np.full((b.height, b.width, 3), INSET_RGB, np.uint8)
+
+    images = []
+    for name, items in (("geometry", nuclei), ("wkt", [(x, y, polygon.wkt) for x, y, polygon in nuclei])):
+        out = tmp_path / f"{name}.png"
+        render_preview(thumb, 8.0, 1.0, CountingNuclei(items), out, inset=InsetSource(read, 1.0), inset_um=120.0)
+        images.append(np.asarray(Image.open(out).convert("RGB")))
+    assert colour_mask(images[0], OUTLINE_RGB).sum() > 100  # outlines were drawn
+    np.testing.assert_array_equal(images[0], images[1])
+
+
 def test_no_nuclei_gives_a_plain_thumbnail_without_inset(tmp_path):
     thumb = np.full((50, 80, 3), THUMB_RGB, np.uint8)
 

@@ -43,7 +43,7 @@ from .postprocess import PostprocessParams
 from .tile_work import (
     TileContext,
     TileResult,
-    iter_tile_records,
+    iter_tile_rows,
     tile_files,
     write_rgb_core,
     write_tile_vectors,
@@ -290,10 +290,10 @@ def _submit_zarr(client: Client, work: SlideWork, counts: dict[int, int], offset
 
 
 def _write_preview(work: SlideWork, owners: list[int], cfg: RunConfig, total: int) -> None:
-    def nuclei():  # streamed from the tiles' records; the preview walks them twice
+    def nuclei():  # streamed from the tiles' records; the preview walks them twice and draws a few
         for index in owners:
-            for record in iter_tile_records(work.work_dir, index):
-                yield record.centroid_x, record.centroid_y, record.polygon
+            for row in iter_tile_rows(work.work_dir, index):
+                yield row["centroid_x"], row["centroid_y"], row["polygon"]  # WKT: parsed only if drawn
 
     plan, thumb, thumb_um = work.plan, work.thumb, work.thumb_um
     # The preview is read at the resolution that fills preview_max_px, never finer than the model's.

@@ -164,16 +164,21 @@ def write_rgb_core(ctx: TileContext, tile: Tile) -> None:
     OmeZarrWriter.open(ctx.zarr_path).write_probability(tile.core, np.zeros(tile.core.shape, np.uint8), rgb)
 
 
-def iter_tile_records(work_dir: str | Path, index: int) -> Iterator[NucleusRecord]:
-    """Yield the NucleusRecords a tile owns, in local id order (streamed from disk)."""
+def iter_tile_rows(work_dir: str | Path, index: int) -> Iterator[dict]:
+    """Yield the rows a tile owns, in local id order, with each polygon as WKT text (streamed from disk)."""
     records_path = tile_files(work_dir, index).nuclei
     if not records_path.exists():
         return
     with open(records_path) as handle:
         for line in handle:
-            row = json.loads(line)
-            row["polygon"] = shapely.from_wkt(row["polygon"])
-            yield NucleusRecord(**row)
+            yield json.loads(line)
+
+
+def iter_tile_records(work_dir: str | Path, index: int) -> Iterator[NucleusRecord]:
+    """Yield the NucleusRecords a tile owns, in local id order (streamed from disk)."""
+    for row in iter_tile_rows(work_dir, index):
+        row["polygon"] = shapely.from_wkt(row["polygon"])
+        yield NucleusRecord(**row)
 
 
 def write_tile_vectors(

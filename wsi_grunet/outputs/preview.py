@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+import shapely
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 
@@ -38,7 +39,9 @@ BACKGROUND = (255, 255, 255)
 TEXT_RGB = (20, 20, 20)
 MARGIN = 12
 
-Nucleus = tuple[float, float, Polygon | MultiPolygon]
+# (centroid x, centroid y, outline): level-0 pixels; the outline as a geometry or its WKT text (parsed
+# only for the nuclei the inset draws)
+Nucleus = tuple[float, float, Polygon | MultiPolygon | str]
 
 
 @dataclass(frozen=True)
@@ -124,27 +127,37 @@ def colourise(values: np.ndarray) -> np.ndarray:
     return np.rint(HEAT_STOPS[low] * (1 - frac) + HEAT_STOPS[low + 1] * frac).astype(np.uint8)
 
 
+# Colours of the heat map at this many evenly spaced values of [0, 1]: a table lookup per preview pixel
+# instead of interpolating between the stops there (colours within 1 of the exact ramp).
+_HEAT_TABLE_SIZE = 4096
+
+
+def _interpolation(n_out: int, cell_px: float, n_cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear weights along one axis: cell centres at ``(k + 0.5) * cell_px``; (lower cell, upper cell,
+    weight of the upper)."""
+    position = np.clip((np.arange(n_out) + 0.5) / cell_px - 0.5, 0, n_cells - 1)
+    low = np.minimum(position.astype(int), n_cells - 1)
+    return low, np.minimum(low + 1, n_cells - 1), (position - low).astype(np.float32)
+
+
 def heat_overlay(density: np.ndarray, vmax: float, size: tuple[int, int], cell_px: tuple[float, float]) -> Image.Image:
     """RGBA image of ``size`` (W, H): density colour-mapped to [0, vmax], interpolated bilinearly between
     cell centres (cell (r, c) is centred on preview pixel ``((r + 0.5) * cell_px_y, (c + 0.5) * cell_px_x)``)."""
     width, height = size
-    rows = np.clip((np.arange(height) + 0.5) / cell_px[0] - 0.5, 0, density.shape[0] - 1)
-    cols = np.clip((np.arange(width) + 0.5) / cell_px[1] - 0.5, 0, density.shape[1] - 1)
-    r0, c0 = np.minimum(rows.astype(int), density.shape[0] - 1), np.minimum(cols.astype(int), density.shape[1] - 1)
-    r1, c1 = np.minimum(r0 + 1, density.shape[0] - 1), np.minimum(c0 + 1, density.shape[1] - 1)
-    fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
-    values = (
-        density[np.ix_(r0, c0)] * (1 - fr) * (1 - fc)
-        + density[np.ix_(r1, c0)] * fr * (1 - fc)
-        + density[np.ix_(r0, c1)] * (1 - fr) * fc
-        + density[np.ix_(r1, c1)] * fr * fc
-    )
-    scaled = values / vmax if vmax > 0 else np.zeros_like(values)
-    rgba = np.zeros((height, width, 4), np.uint8)
-    rgba[..., :3] = colourise(scaled)
+    r0, r1, fr = _interpolation(height, cell_px[0], density.shape[0])
+    c0, c1, fc = _interpolation(width, cell_px[1], density.shape[1])
+    scaled_cells = (density / vmax if vmax > 0 else np.zeros_like(density)).astype(np.float32)
+    # Separable: along rows on the small grid of cells, then along columns at full size.
+    by_row = scaled_cells[r0] * (1 - fr[:, None]) + scaled_cells[r1] * fr[:, None]
+    scaled = by_row[:, c0] * (1 - fc) + by_row[:, c1] * fc
+    index = np.rint(np.clip(scaled, 0.0, 1.0) * (_HEAT_TABLE_SIZE - 1)).astype(np.intp)
+    ramp = np.linspace(0.0, 1.0, _HEAT_TABLE_SIZE)
     # Sparse areas are fainter, so the tissue stays readable; nothing nearby: transparent.
-    alpha = 255 * HEAT_ALPHA * (0.4 + 0.6 * np.clip(scaled, 0, 1))
-    rgba[..., 3] = np.where(scaled >= 0.05, np.rint(alpha), 0).astype(np.uint8)
+    table = np.empty((_HEAT_TABLE_SIZE, 4), np.uint8)
+    table[:, :3] = colourise(ramp)
+    table[:, 3] = np.rint(255 * HEAT_ALPHA * (0.4 + 0.6 * ramp))
+    rgba = table[index]
+    rgba[scaled < 0.05, 3] = 0
     return Image.fromarray(rgba, "RGBA")
 
 
@@ -228,7 +241,8 @@ def render_preview(
 
     ``thumbnail``: uint8 image of the whole slide at ``thumb_um`` micrometres per pixel (only ever shrunk,
     to a longest side of ``max_px``); ``slide_mpp``: micrometres per level-0 pixel; ``nuclei``: returns a
-    fresh iterable of ``(centroid_x, centroid_y, polygon)`` in level-0 pixels each time it is called;
+    fresh iterable of ``(centroid_x, centroid_y, polygon)`` in level-0 pixels each time it is called (polygon:
+    a geometry or its WKT);
     ``slide_shape_l0``: (H, W) of level 0 (default: the thumbnail's extent); ``inset``: where the inset's
     pixels come from (None: no inset); ``cell_um``: density cell edge; ``inset_um``: inset edge.
     """
@@ -281,7 +295,8 @@ def render_preview(
         draw = ImageDraw.Draw(crop)
         for x, y, polygon in nuclei():
             if near.contains_point(y * to_inset, x * to_inset):
-                _draw_outlines(draw, polygon, to_inset, to_inset, box.x0, box.y0, color)
+                outline = shapely.from_wkt(polygon) if isinstance(polygon, str) else polygon
+                _draw_outlines(draw, outline, to_inset, to_inset, box.x0, box.y0, color)
         caption = Image.new("RGB", (panel_w, 40), BACKGROUND)
         cdraw = ImageDraw.Draw(caption)
         side = (box.height * inset.um_per_px, box.width * inset.um_per_px)
