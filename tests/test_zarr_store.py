@@ -15,7 +15,7 @@ from ome_zarr.reader import Label, Labels, Multiscales, Reader
 
 from wsi_grunet.errors import OutputError
 from wsi_grunet.geometry import Box
-from wsi_grunet.outputs.zarr_store import OmeZarrWriter
+from wsi_grunet.outputs.zarr_store import OmeZarrWriter, mean_2x2
 
 SHAPE = (150, 230)  # deliberately not a multiple of the shard
 PIXEL_UM = 0.5
@@ -258,3 +258,18 @@ def test_rgb_must_be_written_with_the_probability(tmp_path):
     plain = OmeZarrWriter(tmp_path / "p.ome.zarr", (64, 64), PIXEL_UM, shard=64, chunk=32, levels=1, name="p")
     with pytest.raises(ValueError, match="no RGB channels"):
         plain.write_probability(b, np.zeros((64, 64), np.float32), np.zeros((64, 64, 3), np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (7, 8), (6, 9), (5, 3), (1, 1)])
+def test_mean_2x2_is_each_blocks_rounded_mean(shape):
+    """Every output pixel is the mean of its 2x2 block rounded half up; where a last row or column is
+    odd, the pixels present stand in for the missing ones (their mean)."""
+    rng = np.random.default_rng(sum(shape))
+    block = rng.integers(0, 256, shape, dtype=np.uint8)
+    block[0, : min(2, shape[1])] = (0, 1)[: shape[1]]  # small sums: 1 or 2 over 4 round to 0 or 1 (half up)
+    out = mean_2x2(block)
+    assert out.shape == ((shape[0] + 1) // 2, (shape[1] + 1) // 2)
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            present = block[2 * r : 2 * r + 2, 2 * c : 2 * c + 2].astype(float)
+            assert out[r, c] == math.floor(present.mean() + 0.5), (r, c)
