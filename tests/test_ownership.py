@@ -10,6 +10,7 @@ from scipy import ndimage as ndi
 
 from wsi_grunet.errors import StitchContractError
 from wsi_grunet.geometry import Box
+from wsi_grunet import ownership
 from wsi_grunet.ownership import owned_instances
 from wsi_grunet.postprocess import PostprocessParams, compact_ids, label_nuclei
 
@@ -240,3 +241,47 @@ def test_compact_ids_equal_sorting_ids_with_background_first():
             ids, first, compact = np.concatenate([[0], ids]), np.concatenate([[-1], first]), compact + 1
         for got, expected in zip(compact_ids(labels), (ids, first, compact)):
             np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_groups_reaching_follows_every_chain_of_touching_instances(seed):
+    """Against a brute-force walk over every pair of 8-neighbours: ids joined to a seed id through
+    instances that touch (the sparse walk over the instances' pixels must find the same pairs)."""
+    rng = np.random.default_rng(seed)
+    n = 9
+    compact = rng.integers(0, n, (23, 31)) * (rng.random((23, 31)) < (0.45, 0.2, 0.1)[seed % 3])
+    seeds = np.zeros(n, bool)
+    seeds[rng.integers(1, n)] = True
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    height, width = compact.shape
+    for y in range(height):
+        for x in range(width):
+            for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy < height and 0 <= xx < width:
+                    a, b = int(compact[y, x]), int(compact[yy, xx])
+                    if a and b and a != b:
+                        parent[root(a)] = root(b)
+    seed_roots = {root(i) for i in np.flatnonzero(seeds)}
+    expected = np.array([i > 0 and root(i) in seed_roots for i in range(n)])
+    expected[np.flatnonzero(seeds)] = True
+    got = ownership._groups_reaching(compact, np.flatnonzero(compact), seeds, n)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("step", [(0, 1), (1, 0), (1, 1), (1, -1)])
+def test_groups_reaching_sees_each_neighbour_direction(step):
+    """Two one-pixel instances that touch only across one of the four directions are one group."""
+    compact = np.zeros((5, 6), np.int64)
+    compact[2, 2] = 1
+    compact[2 + step[0], 2 + step[1]] = 2
+    compact[0, 5] = 3  # alone
+    seeds = np.array([False, True, False, False])
+    got = ownership._groups_reaching(compact, np.flatnonzero(compact), seeds, 4)
+    assert got.tolist() == [False, True, True, False]

@@ -132,7 +132,7 @@ def owned_instances(
         centroid = (sum_y[worst] / counts[worst], sum_x[worst] / counts[worst])
         raise StitchContractError(_contract_message(compact == worst, read, centroid, halo, mpp))
 
-    in_cut_groups = owned & _groups_reaching(compact, at_border, n)
+    in_cut_groups = owned & _groups_reaching(compact, where, at_border, n)
 
     kept = np.flatnonzero(owned)
     kept = kept[np.argsort(first[kept], kind="stable")]
@@ -167,19 +167,26 @@ def _touching_inner_border(compact: np.ndarray, read: Box, slide_shape: tuple[in
     return touching
 
 
-def _groups_reaching(compact: np.ndarray, seeds: np.ndarray, n: int) -> np.ndarray:
+def _groups_reaching(compact: np.ndarray, where: np.ndarray, seeds: np.ndarray, n: int) -> np.ndarray:
     """Boolean per compact id: connected to a seed id through a chain of instances touching in
-    the 8-neighbourhood."""
+    the 8-neighbourhood. ``where``: the flat indices of the instances' pixels (only they can touch)."""
     if not seeds.any():
         return np.zeros(n, dtype=bool)
+    height, width = compact.shape
+    flat = compact.ravel()
+    rows, cols = np.divmod(where, width)
+    below = rows < height - 1
+    # Each pixel with its right, lower, lower-right and lower-left neighbour: every adjacent pair once.
     pairs = []
-    for a, b in (
-        (compact[:, :-1], compact[:, 1:]),
-        (compact[:-1, :], compact[1:, :]),
-        (compact[:-1, :-1], compact[1:, 1:]),
-        (compact[:-1, 1:], compact[1:, :-1]),
+    for step, valid in (
+        (1, cols < width - 1),
+        (width, below),
+        (width + 1, below & (cols < width - 1)),
+        (width - 1, below & (cols > 0)),
     ):
-        touch = (a != b) & (a > 0) & (b > 0)
+        source = where[valid]
+        a, b = flat[source], flat[source + step]
+        touch = (a != b) & (b > 0)
         pairs.append(np.stack([a[touch], b[touch]]))
     edges = np.concatenate(pairs, axis=1)
     graph = coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])), shape=(n, n))
