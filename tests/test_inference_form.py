@@ -12,7 +12,12 @@ from wsi_grunet.config import load_config
 from wsi_grunet.errors import ConfigError
 from wsi_grunet.model.checkpoint import untrained_bundle
 from wsi_grunet.model.grunet import ControlledDenseResidualBlock, GRUNet, GRUNetConfig
-from wsi_grunet.model.inference_form import FusedCDRB, fuse_for_inference, merge_repeated_inputs
+from wsi_grunet.model.inference_form import (
+    FusedCDRB,
+    FusedGaussianAttention,
+    fuse_for_inference,
+    merge_repeated_inputs,
+)
 from wsi_grunet.model.predictor import Predictor
 
 SMALL = {"base_filters": 4, "attention_width": 8}
@@ -71,6 +76,34 @@ def test_fusing_leaves_the_trained_model_alone_and_removes_work():
     batch_norms = sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert batch_norms < sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) / 2
     assert not any(p.requires_grad for p in fused.parameters())
+
+
+def test_fused_attention_gives_every_map_without_full_resolution_features():
+    model = _trained_looking(GRUNetConfig(**SMALL), seed=5)
+    fused = fuse_for_inference(model)
+    assert isinstance(fused.attention, FusedGaussianAttention)
+    bridge = torch.rand(1, model.bridge.out_channels, 5, 7, generator=torch.Generator().manual_seed(6))
+    shapes = []
+    def record(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            shapes.append(tuple(output.shape))
+
+    hooks = [m.register_forward_hook(record) for m in fused.attention.modules()]
+    with torch.no_grad():
+        expected, got = model.attention(bridge), fused.attention(bridge)
+    for hook in hooks:
+        hook.remove()
+    assert [m.shape for m in got] == [m.shape for m in expected] == [(1, 1, 5 * 2**k, 7 * 2**k) for k in (1, 2, 3, 4)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
+    width = SMALL["attention_width"]
+    assert (1, width, 40, 56) in shapes  # features at the scale below the finest map
+    assert not any(s[1] == width and s[2:] == (80, 112) for s in shapes if len(s) == 4)  # none at the finest
+
+
+def test_sampled_attention_keeps_its_layers():
+    model = _trained_looking(GRUNetConfig(**SMALL, attention_mode="sample"))
+    assert not isinstance(fuse_for_inference(model).attention, FusedGaussianAttention)
 
 
 def test_merged_weights_over_distinct_inputs_give_the_same_conv():

@@ -109,8 +109,9 @@ class MultiResBlock(nn.Module):
         a = self.conv3(x)
         b = self.conv5(a)
         c = self.conv7(b)
-        out = self.bn_concat(torch.cat([a, b, c], dim=1)) + self.shortcut(x)
-        return self.bn_out(F.relu(out))
+        out = self.bn_concat(torch.cat([a, b, c], dim=1))
+        del a, b, c  # at full resolution the largest maps alive: let them go before the shortcut
+        return self.bn_out(F.relu(out + self.shortcut(x)))
 
 
 class DenseUnit(nn.Module):

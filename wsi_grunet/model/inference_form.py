@@ -10,7 +10,9 @@ about 1e-5), so the trained layers stay as published while inference skips redun
   ``[u3, x, u1, x, u2, x, u1, x]``, 332 channels at level 0): a conv over repeated channels equals a
   conv over each distinct channel once with the repeated weights summed, so units 3 and 4 read
   ``[u2, x, u1]`` and ``[u3, x, u1, u2]`` (115 and 147 channels) instead.
-* GdAM's separable 1x1 head (depthwise, then pointwise to one channel) becomes one 1x1 conv.
+* GdAM's separable 1x1 head (depthwise, then pointwise to one channel) becomes one 1x1 conv, and its
+  finest map is computed at the scale below, one transposed-conv tap at a time
+  (:class:`FusedGaussianAttention`), instead of from full-resolution features.
 
 On a 2-core Intel Xeon with AMX this makes a 1152-pixel bf16 pass about 1.6x faster
 (benchmarks/RESULTS.md); the first CDRB, at full resolution, was a third of the time. The result is for inference only: BatchNorm
@@ -26,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grunet import ControlledDenseResidualBlock, ConvBN, DenseUnit, GRUNet, SeparableConv1x1
+from .grunet import (
+    ControlledDenseResidualBlock,
+    ConvBN,
+    DenseUnit,
+    GaussianAttention,
+    GRUNet,
+    SeparableConv1x1,
+)
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,11 +136,54 @@ class FusedCDRB(nn.Module):
         u1 = self.unit1(x)
         u2 = self.unit2(torch.cat([u1, x], dim=1))
         u3 = self.unit3(torch.cat([u2, x, u1], dim=1))
-        out = self.unit4(torch.cat([u3, x, u1, u2], dim=1))
+        # The widest map of the pass (147 channels at full resolution): the units' own maps and then the
+        # joined one are let go as soon as they are read.
+        joined = torch.cat([u3, x, u1, u2], dim=1)
+        del u1, u2, u3
+        out = self.unit4.conv(joined)
+        del joined
+        out = self.unit4.bn(F.relu(out))
         gate = torch.sigmoid(self.gate(x))
         if self.gate_mode == "batch_mean":
             gate = gate.mean(dim=0, keepdim=True)
         return out * gate
+
+
+class FusedGaussianAttention(nn.Module):
+    """GdAM (mean mode) whose finest map never holds its features at full resolution.
+
+    The last transposed conv (kernel 2, stride 2) writes each output pixel ``(2i + a, 2j + b)`` from input
+    pixel ``(i, j)`` alone, through its tap ``(a, b)``; ReLU and the 1x1 head act per pixel. So the map is
+    computed at the coarser scale for each of the four taps (a 1x1 conv, ReLU, the head) and the four
+    one-channel results are interleaved. At level 0 this avoids a ``width``-channel full-resolution tensor
+    and its ReLU copy (2 x 680 MB at 1152 px in bf16), the largest working set of the whole pass.
+    """
+
+    def __init__(self, attention: GaussianAttention) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList(list(attention.ups)[:-1])
+        self.text_ups = attention.text_ups
+        self.mean_head = merged_separable(attention.mean_head)
+        last = attention.ups[-1]
+        assert last.kernel_size == (2, 2) and last.stride == (2, 2) and last.bias is not None
+        weight = last.weight  # (in, out, 2, 2)
+        self.taps = nn.ModuleList(
+            [conv_with(weight[:, :, a, b].T[:, :, None, None], last.bias) for a in (0, 1) for b in (0, 1)]
+        )
+        self.register_buffer("text_prior", attention.text_prior)
+
+    def forward(self, bridge: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        features, text = bridge, self.text_prior
+        for up, text_up in zip(self.ups, self.text_ups):
+            features = F.relu(up(features))
+            text = F.relu(text_up(text))
+            maps.append(F.softplus(self.mean_head(features)) + text.mean())
+        text = F.relu(self.text_ups[-1](text))
+        # Channel 2a + b holds tap (a, b): pixel_shuffle puts it at (2i + a, 2j + b).
+        quarters = torch.cat([self.mean_head(F.relu(tap(features))) for tap in self.taps], dim=1)
+        maps.append(F.softplus(F.pixel_shuffle(quarters, 2)) + text.mean())
+        return maps
 
 
 def merged_separable(head: SeparableConv1x1) -> nn.Conv2d:
@@ -151,7 +203,11 @@ def fuse_for_inference(model: GRUNet) -> GRUNet:
         for name, child in list(module.named_children()):
             if isinstance(child, ConvBN):
                 setattr(module, name, FoldedConvBN(child))
-    fused.attention.mean_head = merged_separable(fused.attention.mean_head)  # type: ignore[assignment]
+    attention = cast(GaussianAttention, fused.attention)
+    if attention.mode == "mean":
+        fused.attention = FusedGaussianAttention(attention)  # type: ignore[assignment]
+    else:  # sampled maps (a config choice; never for the packaged weights): only the head is merged
+        attention.mean_head = merged_separable(attention.mean_head)  # type: ignore[assignment]
     for parameter in fused.parameters():
         parameter.requires_grad_(False)
     return fused
