@@ -5,7 +5,8 @@ channels-last, where the CPU has native bf16) on this machine. Each side runs as
 in .venv-tiatoolbox (``bash benchmarks/setup_tiatoolbox_env.sh``), wsi-grunet in the current environment.
 Reported: wall time of each command and their ratio, peak memory summed over each process tree (psutil,
 sampled every 0.2 s: RSS of the process and all its children), and the Dice of the two nucleus foreground
-masks (probability > 0.5) at model resolution. TIAToolbox's side stops at the probability map (semantic
+masks (probability > 0.5) at model resolution. Each side's output is read for that comparison only after its
+process has ended, so neither peak includes it. TIAToolbox's side stops at the probability map (semantic
 segmentation); wsi-grunet's includes instances, GeoJSON and Parquet, which TIAToolbox's SemanticSegmentor
 does not make.
 
@@ -50,7 +51,6 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 def tiatoolbox_side(args: argparse.Namespace) -> None:
     """Inside .venv-tiatoolbox: SemanticSegmentor on the slide, foreground mask saved as .npy."""
     import torch
-    import zarr
     from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
 
     from wsi_grunet.interop.tiatoolbox_model import GRUNetTIAModel
@@ -62,32 +62,42 @@ def tiatoolbox_side(args: argparse.Namespace) -> None:
         args.weights, patch=args.patch, halo=args.halo, amp="bf16" if fast else "fp32", channels_last=fast
     )
     engine = SemanticSegmentor(model=model, batch_size=1, num_workers=0, device="cpu", verbose=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        saved = engine.run(
-            [Path(args.slide)],
-            patch_mode=False,
-            ioconfig=model.ioconfig,
-            save_dir=Path(tmp) / "o",
-            output_type="zarr",
-            auto_get_mask=True,
-            return_probabilities=True,
-            overwrite=True,
-        )
-        path = saved[Path(args.slide)] if isinstance(saved, dict) else saved
-        prob = np.asarray(zarr.open(str(path), mode="r")["probabilities"])[..., 1]
-        engine_s = time.perf_counter() - start
-    np.save(args.mask_out, prob > 0.5)
-    Path(args.mask_out).with_suffix(".json").write_text(
+    # The output stays on disk for the parent to read after this process has ended, so the peak memory
+    # measured here is the engine's, not that of loading a whole slide's probabilities to compare them.
+    start = time.perf_counter()
+    saved = engine.run(
+        [Path(args.slide)],
+        patch_mode=False,
+        ioconfig=model.ioconfig,
+        save_dir=Path(args.side_out).parent / "tia_output",
+        output_type="zarr",
+        auto_get_mask=True,
+        return_probabilities=True,
+        overwrite=True,
+    )
+    engine_s = time.perf_counter() - start
+    path = saved[Path(args.slide)] if isinstance(saved, dict) else saved
+    Path(args.side_out).write_text(
         json.dumps(
             {
                 "engine_s": round(engine_s, 2),
-                "shape": list(prob.shape),
+                "output": str(path),
                 "amp": model.amp,
                 "channels_last": model.channels_last,
                 "tiatoolbox_tissue_mask": True,
             }
         )
+    )
+
+
+def tiatoolbox_mask(output: str, rows_per_read: int = 1024) -> np.ndarray:
+    """TIAToolbox's nucleus foreground (probability of class 1 > 0.5), read a band of rows at a time."""
+    import zarr
+
+    probabilities = zarr.open(output, mode="r")["probabilities"]
+    height = probabilities.shape[0]
+    return np.concatenate(
+        [np.asarray(probabilities[y : y + rows_per_read, :, 1]) > 0.5 for y in range(0, height, rows_per_read)]
     )
 
 
@@ -106,7 +116,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=DEFAULT_TILE_SIZE)
     parser.add_argument("--halo", type=int, default=DEFAULT_HALO)
     parser.add_argument("--tiatoolbox-side", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mask-out", help=argparse.SUPPRESS)
+    parser.add_argument("--side-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tiatoolbox_side:
         tiatoolbox_side(args)
@@ -121,7 +131,7 @@ def main() -> None:
     name = find_slides([slide])[0].name
     with tempfile.TemporaryDirectory(prefix="compare-tia-") as tmp:
         work = Path(tmp)
-        mask_path = work / "tia_mask.npy"
+        side_out = work / "tia_side.json"
         tia_cmd = [
             str(TIA_PYTHON),
             str(Path(__file__).resolve()),
@@ -130,8 +140,8 @@ def main() -> None:
             str(slide),
             "--out",
             "-",
-            "--mask-out",
-            str(mask_path),
+            "--side-out",
+            str(side_out),
             "--patch",
             str(args.patch),
             "--halo",
@@ -140,7 +150,9 @@ def main() -> None:
         if args.weights:
             tia_cmd += ["--weights", args.weights]
         tia = timed(tia_cmd, work / "tia.log")
-        tia.update(json.loads(mask_path.with_suffix(".json").read_text()))
+        tia.update(json.loads(side_out.read_text()))
+        tia_mask = tiatoolbox_mask(tia.pop("output"))
+        tia["shape"] = list(tia_mask.shape)
         ours_cmd = [
             str(Path(sys.executable).with_name("wsi-grunet")),
             "run",
@@ -172,7 +184,6 @@ def main() -> None:
                 "timings": report.get("timings"),
             }
         )
-        tia_mask = np.load(mask_path)
     result = {
         "slide": str(slide),
         "weights": args.weights or "packaged",
