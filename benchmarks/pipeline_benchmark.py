@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--model-batches", type=int, default=3)
     parser.add_argument("--skip-model-only", action="store_true")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("extra", nargs="*", help="more `wsi-grunet run` arguments (after --)")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more `wsi-grunet run` arguments (after --)")
     args = parser.parse_args()
 
     overrides: list[dict] = [{"model": {"device": args.device, "weights": args.weights}}]
@@ -92,7 +92,7 @@ def main() -> int:
             args.device,
             "--workers",
             str(args.workers),
-            *args.extra,
+            *[a for a in args.extra if a != "--"],
         ]
         if args.weights:
             cmd += ["--weights", args.weights]
@@ -124,11 +124,10 @@ def main() -> int:
         "tissue_mm2_per_s": tissue_mm2 / wall,
         # Everything but the model, per CPU-second: what CPU cores next to a GPU must sustain.
         "cpu_s_all_processes": measured["cpu_s"],
+        "model_cpu_s": model_cpu_s(timings, report["model"]["inference"]),
         "model_mpx_per_cpu_s_outside_model": model_px
         / 1e6
-        / max(
-            measured["cpu_s"] - timings.get("inference_s", 0.0) * report["model"]["inference"].get("threads", 1), 1e-9
-        ),
+        / max(measured["cpu_s"] - model_cpu_s(timings, report["model"]["inference"]), 1e-9),
         "nuclei_per_s": counts["nuclei"] / wall,
         "peak_rss_gb_all_processes": peak_rss / 1e9,
         "peak_pss_gb_all_processes": peak_pss / 1e9,

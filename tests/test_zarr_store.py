@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -191,6 +192,23 @@ def test_reopened_writer_matches_the_original(store):
     again = OmeZarrWriter.open(path)
     assert again.shapes == writer.shapes
     assert (again.chunk, again.shard, again.pixel_um, again.name) == (32, 64, PIXEL_UM, "slide-A")
+
+
+def test_a_store_made_again_at_the_same_path_is_read_again(tmp_path):
+    """Writers are opened once per process; a store made anew where one was (a slide run again) is not
+    mistaken for the old one."""
+    path = tmp_path / "again.ome.zarr"
+    OmeZarrWriter(path, (256, 192), PIXEL_UM, shard=64, chunk=32, levels=2, name="first")
+    first = OmeZarrWriter.open(path)
+    first.write_probability(Box(0, 0, 64, 64), np.full((64, 64), 0.5, np.float32))
+    assert OmeZarrWriter.open(path) is first  # the same process reuses what it read
+    shutil.rmtree(path)
+    OmeZarrWriter(path, (128, 128), PIXEL_UM, shard=128, chunk=64, levels=3, name="second")
+    second = OmeZarrWriter.open(path)
+    assert (second.name, second.chunk, second.shard, second.shapes[0]) == ("second", 64, 128, (128, 128))
+    second.write_probability(Box(0, 0, 128, 128), np.full((128, 128), 1.0, np.float32))
+    level0 = zarr.open_array(str(path / "0"), mode="r")
+    assert level0.shape == (128, 128) and level0.chunks == (64, 64) and (level0[:] == 255).all()
 
 
 # -- the RGB slide in the same store -------------------------------------------------------------

@@ -149,7 +149,13 @@ class DriverBackend:
         post: list[Future] = []
         results: list[TileResult] = []
         # driver_wakeups: loop turns; each one blocks or makes progress, so it stays near 3 per tile
-        timings = {"inference_s": 0.0, "read_wait_s": 0.0, "post_wait_s": 0.0, "driver_wakeups": 0.0}
+        timings = {
+            "inference_s": 0.0,
+            "inference_cpu_s": 0.0,
+            "read_wait_s": 0.0,
+            "post_wait_s": 0.0,
+            "driver_wakeups": 0.0,
+        }
         bar = _Progress(plan, len(tiles), progress)
         reader_args = plan.reader_args()
 
@@ -170,9 +176,10 @@ class DriverBackend:
                 bar.bar.update(1)
 
         def predict(batch: list[tuple[Tile, np.ndarray, Future]]) -> None:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             outputs = self.predictor.predict(np.stack([image for _, image, _ in batch]))
             timings["inference_s"] += time.perf_counter() - start
+            timings["inference_cpu_s"] += time.thread_time() - start_cpu  # this thread's share only
             for k, (tile, _, read) in enumerate(batch):
                 # The read stays on its worker for the zarr's RGB (post-processing runs there by locality).
                 image = read if ctx.rgb_reader is not None else None

@@ -31,6 +31,7 @@ touch the same object and need no locks. The pyramid is built one destination sh
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -147,6 +148,23 @@ def nearest_2x2(block: np.ndarray) -> np.ndarray:
 _DOWNSAMPLERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"mean": mean_2x2, "nearest": nearest_2x2}
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    """Identity of a zarr metadata file (inode, modification time): a store made again is a new key."""
+    status = (path / "zarr.json").stat()
+    return status.st_ino, status.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_array(root: str, path: str, stamp: tuple[int, int]) -> zarr.Array:
+    return zarr.open_array(store=root, path=path, mode="r+")
+
+
+def open_array(root: str, path: str) -> zarr.Array:
+    """A level array of a store, opened once per process: the many small writing tasks of a slide each
+    wrote into it after reading its metadata again (about 10 ms a task)."""
+    return _cached_array(root, path, _stamp(Path(root) / path))
+
+
 def downsample_shard(root: str, group: str, level: int, method: str, box: tuple[int, int, int, int]) -> None:
     """Fill one destination shard ``box`` of ``group/level`` from ``group/level-1``.
 
@@ -155,8 +173,8 @@ def downsample_shard(root: str, group: str, level: int, method: str, box: tuple[
     """
     dst_box = Box(*box)
     prefix = f"{group}/" if group else ""
-    src = zarr.open_array(store=root, path=f"{prefix}{level - 1}", mode="r")
-    dst = zarr.open_array(store=root, path=f"{prefix}{level}", mode="r+")
+    src = open_array(root, f"{prefix}{level - 1}")
+    dst = open_array(root, f"{prefix}{level}")
     height, width = src.shape[-2:]
     src_box = Box(2 * dst_box.y0, 2 * dst_box.x0, min(2 * dst_box.y1, height), min(2 * dst_box.x1, width))
     down = _DOWNSAMPLERS[method]
@@ -266,7 +284,17 @@ class OmeZarrWriter:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> OmeZarrWriter:
-        """Attach to a store made by this class (e.g. in another process) to write into it."""
+        """Attach to a store made by this class (e.g. in another process) to write into it; the store's
+        description is read once per process (again only if the store is made anew)."""
+        path = Path(path)
+        try:
+            stamp = _stamp(path)
+        except OSError as exc:
+            raise OutputError(f"{path}: not an OME-Zarr store written by wsi-grunet ({exc})") from None
+        return _open_writer(str(path), stamp)
+
+    @classmethod
+    def _read(cls, path: str) -> OmeZarrWriter:
         self = cls.__new__(cls)
         self.path = Path(path)
         try:
@@ -353,7 +381,7 @@ class OmeZarrWriter:
         check_shard_aligned(box, self.shape, self.shard_shape(0), f"{self.path}: {what}")
         if values.shape[-2:] != box.shape:
             raise ValueError(f"{self.path}: {what} values {values.shape} do not match box {box.shape}")
-        array = zarr.open_array(store=str(self.path), path=array_path, mode="r+")
+        array = open_array(str(self.path), array_path)
         region = (slice(None), *box.slices()) if values.ndim == 3 else box.slices()
         try:
             array[region] = values
@@ -407,3 +435,8 @@ class OmeZarrWriter:
             else:
                 # list() waits for the level and re-raises the first task error.
                 list(executor.map(downsample_shard, *zip(*tasks)))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_writer(path: str, stamp: tuple[int, int]) -> OmeZarrWriter:
+    return OmeZarrWriter._read(path)
