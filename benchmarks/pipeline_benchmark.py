@@ -57,6 +57,15 @@ def model_only(slide: Path, weights: str | None, options_overrides: list[dict], 
     }
 
 
+def model_cpu_s(timings: dict, inference: dict) -> float:
+    """CPU seconds of the model in the driver: a one-thread model's are measured (its thread's CPU time);
+    a multi-threaded one's are bounded by its wall time times its threads."""
+    threads = inference.get("threads", 1)
+    if threads == 1 and "inference_cpu_s" in timings:
+        return float(timings["inference_cpu_s"])
+    return float(timings.get("inference_s", 0.0)) * threads
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("slide", type=Path)
@@ -67,8 +76,10 @@ def main() -> int:
     parser.add_argument("--model-batches", type=int, default=3)
     parser.add_argument("--skip-model-only", action="store_true")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more `wsi-grunet run` arguments (after --)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.extra = argv[split + 1 :]  # more `wsi-grunet run` arguments, after --
 
     overrides: list[dict] = [{"model": {"device": args.device, "weights": args.weights}}]
     if args.tile_size:
@@ -92,7 +103,7 @@ def main() -> int:
             args.device,
             "--workers",
             str(args.workers),
-            *[a for a in args.extra if a != "--"],
+            *args.extra,
         ]
         if args.weights:
             cmd += ["--weights", args.weights]

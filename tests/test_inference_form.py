@@ -84,6 +84,7 @@ def test_fused_attention_gives_every_map_without_full_resolution_features():
     assert isinstance(fused.attention, FusedGaussianAttention)
     bridge = torch.rand(1, model.bridge.out_channels, 5, 7, generator=torch.Generator().manual_seed(6))
     shapes = []
+
     def record(module, inputs, output):
         if isinstance(output, torch.Tensor):
             shapes.append(tuple(output.shape))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from wsi_grunet import ownership
 from wsi_grunet.errors import StitchContractError
 from wsi_grunet.geometry import Box
-from wsi_grunet import ownership
 from wsi_grunet.ownership import owned_instances
 from wsi_grunet.postprocess import PostprocessParams, compact_ids, label_nuclei
 

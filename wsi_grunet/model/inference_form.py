@@ -164,13 +164,13 @@ class FusedGaussianAttention(nn.Module):
         self.ups = nn.ModuleList(list(attention.ups)[:-1])
         self.text_ups = attention.text_ups
         self.mean_head = merged_separable(attention.mean_head)
-        last = attention.ups[-1]
+        last = cast(nn.ConvTranspose2d, attention.ups[-1])
         assert last.kernel_size == (2, 2) and last.stride == (2, 2) and last.bias is not None
-        weight = last.weight  # (in, out, 2, 2)
+        weight, bias = last.weight, last.bias  # weight: (in, out, 2, 2)
         self.taps = nn.ModuleList(
-            [conv_with(weight[:, :, a, b].T[:, :, None, None], last.bias) for a in (0, 1) for b in (0, 1)]
+            [conv_with(weight[:, :, a, b].T[:, :, None, None], bias) for a in (0, 1) for b in (0, 1)]
         )
-        self.register_buffer("text_prior", attention.text_prior)
+        self.register_buffer("text_prior", cast(torch.Tensor, attention.text_prior))
 
     def forward(self, bridge: torch.Tensor) -> list[torch.Tensor]:
         maps = []
@@ -203,7 +203,7 @@ def fuse_for_inference(model: GRUNet) -> GRUNet:
         for name, child in list(module.named_children()):
             if isinstance(child, ConvBN):
                 setattr(module, name, FoldedConvBN(child))
-    attention = cast(GaussianAttention, fused.attention)
+    attention = fused.attention
     if attention.mode == "mean":
         fused.attention = FusedGaussianAttention(attention)  # type: ignore[assignment]
     else:  # sampled maps (a config choice; never for the packaged weights): only the head is merged

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 import shapely
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 
