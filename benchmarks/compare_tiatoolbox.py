@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_grunet.config import DEFAULT_HALO, DEFAULT_TILE_SIZE, OutputOptions
+from wsi_grunet.config import DEFAULT_HALO, DEFAULT_TILE_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 TIA_PYTHON = ROOT / ".venv-tiatoolbox" / "bin" / "python"
@@ -167,9 +167,6 @@ def main() -> None:
         ]
         if args.weights:
             ours_cmd += ["--weights", args.weights]
-        core = args.patch - 2 * args.halo
-        if core % OutputOptions().chunk:  # the default zarr chunk must divide the tile core
-            ours_cmd += ["--set", f"output.chunk={core}"]
         ours = timed(ours_cmd, work / "ours.log")
         slide_dir = work / "res" / name
         report = json.loads((slide_dir / "report.json").read_text())

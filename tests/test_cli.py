@@ -218,7 +218,7 @@ def test_run_with_amp_fp32_unfused_runs_and_records_it(slide, tiny_checkpoint, t
             "output.chunk: 0 is out of range; allowed: an integer >= 16 and a multiple of 16",
         ),
         (["--set", "model.amp=fp33"], "model.amp: 'fp33' is not one of auto, bf16, fp16, fp32"),
-        (["--tile-size", "576"], "output.chunk: 128 does not divide the tile core 320"),
+        (["--tile-size", "576", "--set", "output.chunk=128"], "output.chunk: 128 does not divide the tile core 320"),
         (["--set", "slurm.jobs_max=0"], "slurm.jobs_max: 0 is out of range"),
         (["--set", "model.amp"], "--set 'model.amp' must look like section.key=value"),
     ],

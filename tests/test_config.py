@@ -135,7 +135,7 @@ def test_bad_values_are_rejected_naming_key_value_and_allowed(override, message)
     ("overrides", "message"),
     [
         (["tiling.tile_size=128", "tiling.halo=64"], "tiling.tile_size: 128 leaves no tile core with tiling.halo 64"),
-        (["tiling.tile_size=576"], "output.chunk: 128 does not divide the tile core 320"),
+        (["tiling.tile_size=576", "output.chunk=128"], "output.chunk: 128 does not divide the tile core 320"),
         (["output.chunk=192"], "output.chunk: 192 does not divide the tile core 896"),
         (["slurm.jobs_min=5", "slurm.jobs_max=2"], "slurm.jobs_min: 5 exceeds slurm.jobs_max 2"),
         (["slurm.processes=4"], "slurm.processes: 4 exceeds slurm.cores 2"),
@@ -150,10 +150,22 @@ def test_cross_field_rules_are_checked_at_load_time(overrides, message):
 
 
 def test_chunk_error_suggests_a_chunk_that_fits():
-    with pytest.raises(ConfigError, match=r"allowed: a multiple of 16 dividing 320, e\.g\. 160"):
-        load_config(None, _set("tiling.tile_size=576"))
+    with pytest.raises(ConfigError, match=r"allowed: auto or a multiple of 16 dividing 320, e\.g\. 160"):
+        load_config(None, _set("tiling.tile_size=576", "output.chunk=128"))
     cfg = load_config(None, _set("tiling.tile_size=576", "output.chunk=160"))
-    assert (cfg.tiling.core, cfg.output.chunk) == (320, 160)
+    assert (cfg.tiling.core, cfg.output.chunk, cfg.zarr_chunk) == (320, 160, 160)
+
+
+@pytest.mark.parametrize(
+    ("tile_size", "halo", "chunk"),
+    [(1152, 128, 448), (576, 128, 320), (1280, 128, 512), (1536, 128, 320), (512, 96, 320), (160, 64, 32)],
+)
+def test_auto_chunk_is_the_largest_multiple_of_16_dividing_the_core_up_to_512(tile_size, halo, chunk):
+    cfg = load_config(None, _set(f"tiling.tile_size={tile_size}", f"tiling.halo={halo}"))
+    core = tile_size - 2 * halo
+    assert cfg.output.chunk == "auto" and cfg.zarr_chunk == chunk
+    assert core % chunk == 0 and chunk % 16 == 0 and chunk <= 512
+    assert not any(core % c == 0 for c in range(chunk + 16, min(core, 512) + 1, 16))
 
 
 def test_good_values_are_coerced_to_the_field_types():

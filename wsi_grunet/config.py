@@ -372,7 +372,7 @@ class SlideOptions:
 DEFAULT_HALO = 128
 # 1152 on CPU, per core pixel (halo included, benchmarks/RESULTS.md): 1280 px is 6% cheaper but needs 19%
 # more peak memory, 1024 px is 11% dearer, 1536 px 55% dearer
-DEFAULT_TILE_SIZE = 1152  # core 896: seven 128-px chunks a side
+DEFAULT_TILE_SIZE = 1152  # core 896: two 448-px zarr chunks a side
 
 
 @dataclass(frozen=True)
@@ -499,9 +499,24 @@ OutputFormat = Literal["zarr", "geojson", "parquet", "preview"]
 ALL_FORMATS: tuple[OutputFormat, ...] = ("zarr", "geojson", "parquet", "preview")
 
 
+# output.chunk: auto takes the largest multiple of 16 that divides the tile core, up to this edge: chunks of
+# 128 px cost twice the writing time of 448 px ones per shard (benchmarks/RESULTS.md), and viewers
+# read chunks of a few hundred pixels well.
+AUTO_CHUNK_MAX = 512
+
+
+def zarr_chunk(core: int, chunk: int | str) -> int:
+    """The zarr chunk edge for a tile core: ``chunk`` itself, or for ``auto`` the largest multiple of 16
+    dividing ``core`` up to :data:`AUTO_CHUNK_MAX` (the core is a multiple of 16, so 16 always does)."""
+    if chunk != "auto":
+        return int(chunk)
+    return max(c for c in range(16, min(core, AUTO_CHUNK_MAX) + 1, 16) if core % c == 0)
+
+
 @dataclass(frozen=True)
 class OutputOptions:
-    chunk: int = option(128, min=16, multiple_of=16)  # zarr chunk edge (model pixels); divides the tile core
+    # zarr chunk edge (model pixels), dividing the tile core; auto: see zarr_chunk
+    chunk: int | Literal["auto"] = option("auto", min=16, multiple_of=16)
     preview_max_px: int = option(2048, min=16)
     overwrite: bool = False  # False: a slide whose finished results exist is skipped
     pyramid_levels: int = option(4, min=1)
@@ -526,13 +541,18 @@ class RunConfig:
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
 
+    @property
+    def zarr_chunk(self) -> int:
+        """The OME-Zarr chunk edge this config writes (``output.chunk`` resolved)."""
+        return zarr_chunk(self.tiling.core, self.output.chunk)
+
     def __post_init__(self) -> None:
         core, chunk = self.tiling.core, self.output.chunk
-        if core % chunk:
+        if chunk != "auto" and core % chunk:
             hint = max(c for c in range(16, min(core, 256) + 1, 16) if core % c == 0)
             raise InvalidValue(
                 f"output.chunk: {chunk} does not divide the tile core {core} (tiling.tile_size {self.tiling.tile_size}"
-                f" - 2*tiling.halo {self.tiling.halo}); allowed: a multiple of 16 dividing {core}, e.g. {hint}",
+                f" - 2*tiling.halo {self.tiling.halo}); allowed: auto or a multiple of 16 dividing {core}, e.g. {hint}",
                 "output.chunk",
                 "tiling.tile_size",
                 "tiling.halo",

@@ -191,7 +191,7 @@ def prepare_slide(
                 plan.model_shape,
                 plan.model_mpp,
                 shard=plan.core,
-                chunk=cfg.output.chunk,
+                chunk=cfg.zarr_chunk,
                 levels=cfg.output.pyramid_levels,
                 name=final_dir.name,
                 rgb=cfg.output.slide_rgb,
@@ -377,6 +377,7 @@ def finish_slide(
         "plan": {
             "tile_size": plan.tile_size,
             "halo": plan.halo,
+            "zarr_chunk": cfg.zarr_chunk,
             "level0_per_model": plan.level0_per_model,
             "model_shape": list(plan.model_shape),
         },
