@@ -8,7 +8,7 @@ The end-to-end run is the real command line (`wsi-grunet run`) in a subprocess; 
 the stage timings. The model-only rate is measured in this process on tiles read from the same slide,
 with the same model, device, dtype and batch size. `--weights null-model` replaces the network by a
 colour-deconvolution stand-in, so the non-model ceiling of the pipeline is measured on any machine.
-`--copies N` runs one cohort of N links to the slide, so the processes start once for all of them.
+`--copies N` runs one cohort of N copies of the slide (hard links), so the processes start once for all of them.
 The model's CPU seconds are its thread's own for a one-thread model (the null model), else its wall
 time times its threads; the CPU seconds of everything else give model pixels per CPU-second.
 """
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -83,7 +84,7 @@ def main() -> int:
         "--copies",
         type=int,
         default=1,
-        help="run one cohort of this many links to the slide: start-up is paid once, as on a node that runs "
+        help="run one cohort of this many copies of the slide (hard links): start-up is paid once, as on a node that runs "
         "many slides (per-slide figures then sum over the copies)",
     )
     argv = sys.argv[1:]
@@ -104,8 +105,12 @@ def main() -> int:
         if args.copies > 1:
             target = Path(tmp) / "slides"
             target.mkdir()
-            for k in range(args.copies):
-                (target / f"copy{k}{args.slide.suffix}").symlink_to(args.slide.resolve())
+            for k in range(args.copies):  # hard links: symbolic links to one file are one slide to the run
+                copy = target / f"copy{k}{args.slide.suffix}"
+                try:
+                    os.link(args.slide.resolve(), copy)
+                except OSError:  # another file system
+                    shutil.copyfile(args.slide, copy)
         cmd = [
             sys.executable,
             "-m",
