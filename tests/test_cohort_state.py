@@ -36,6 +36,7 @@ def test_fingerprint_changes_with_what_changes_results(tmp_path):
         "mpp": cs.slide_fingerprint(slide, load_config(None, [{"slide": {"mpp": 0.25}}]), "w1"),
         "tissue": cs.slide_fingerprint(slide, load_config(None, [{"tissue": {"enabled": False}}]), "w1"),
         "formats": cs.slide_fingerprint(slide, load_config(None, [{"output": {"formats": ["geojson"]}}]), "w1"),
+        "chunk": cs.slide_fingerprint(slide, load_config(None, [{"output": {"chunk": 128}}]), "w1"),
     }
     for what, value in changed.items():
         assert value != base, what
@@ -50,6 +51,7 @@ def test_fingerprint_ignores_speed_settings_and_format_order(tmp_path):
         {"output": {"overwrite": True}},
         {"slurm": {"jobs_max": 9}},
         {"output": {"formats": ["preview", "parquet", "geojson", "zarr"]}},
+        {"output": {"chunk": 448}},  # what auto resolves to for the default tiles: the same store
     ]
     for override in same:
         assert cs.slide_fingerprint(slide, load_config(None, [override]), "w1") == base, override

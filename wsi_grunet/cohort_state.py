@@ -72,7 +72,10 @@ def result_settings(cfg: RunConfig) -> dict[str, Any]:
         "tiling": dataclasses.asdict(cfg.tiling),
         "tissue": dataclasses.asdict(cfg.tissue),
         "postprocess": dataclasses.asdict(cfg.postprocess),
-        "output": {key: sorted(output[key]) if key == "formats" else output[key] for key in RESULT_OUTPUT_KEYS},
+        "output": {
+            **{key: sorted(output[key]) if key == "formats" else output[key] for key in RESULT_OUTPUT_KEYS},
+            "chunk": cfg.zarr_chunk,  # resolved: auto and the edge it stands for write the same store
+        },
     }
 
 
