@@ -49,7 +49,8 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
 
 def tiatoolbox_side(args: argparse.Namespace) -> None:
-    """Inside .venv-tiatoolbox: SemanticSegmentor on the slide, foreground mask saved as .npy."""
+    """Inside .venv-tiatoolbox: SemanticSegmentor on the slide; its output's path and the engine time
+    go to ``--side-out`` (JSON)."""
     import torch
     from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
 

@@ -169,7 +169,8 @@ def main() -> int:
         "peak_rss_gb_all_processes": peak_rss / 1e9,
         "peak_pss_gb_all_processes": peak_pss / 1e9,
         "model_busy_share_of_tile_phase": timings.get("inference_s", 0.0) / timings["tiles_s"],
-        "model_busy_share_of_wall": timings.get("inference_s", 0.0) / wall,
+        "model_busy_share_of_wall": sum(r["timings"].get("inference_s", 0.0) for r in all_reports) / wall,
+        # With --copies: the first copy's stages (its tile phase is the one the busy share above refers to).
         "stages_s": {
             key: timings.get(key)
             for key in (

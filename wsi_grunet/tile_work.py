@@ -85,6 +85,12 @@ def owned_label_pixels(path: Path, width: int) -> tuple[np.ndarray, np.ndarray, 
     return rows, cols, value
 
 
+def core_of_read(tile: Tile, image: np.ndarray) -> np.ndarray:
+    """The tile's core cut from an array over its read box (model pixels). For the model input, the same
+    pixels as a read of the core, since every output pixel is filtered from the same slide pixels."""
+    return image[tile.core.relative_to(tile.read).slices()]
+
+
 def process_tile(
     ctx: TileContext,
     tile: Tile,
@@ -98,12 +104,11 @@ def process_tile(
     prob = prob.astype(np.float32)
     distance = None if distance is None else distance.astype(np.float32)
     if ctx.zarr_path is not None:
-        core_in_read = tile.core.relative_to(tile.read)
         rgb = None
         if ctx.rgb_reader is not None:
             rgb = rgb_core if rgb_core is not None else open_reader_cached(*ctx.rgb_reader).read(tile.core)
         # The core's shards are this task's alone: probability and RGB go in together.
-        OmeZarrWriter.open(ctx.zarr_path).write_probability(tile.core, prob[core_in_read.slices()], rgb)
+        OmeZarrWriter.open(ctx.zarr_path).write_probability(tile.core, core_of_read(tile, prob), rgb)
     labels = label_nuclei(prob, ctx.model_mpp, ctx.params, distance)
     owned = owned_instances(labels, tile.read, tile.core, ctx.model_shape, ctx.halo, mpp=ctx.model_mpp)
     files = tile_files(ctx.work_dir, tile.index)
@@ -130,12 +135,6 @@ def process_tile(
 def read_tile(reader_args: tuple[str, float, float | None], tile: Tile) -> np.ndarray:
     """The model input of a tile: its read box, uint8 RGB at the model's pixel size."""
     return open_reader_cached(*reader_args).read(tile.read)
-
-
-def core_of_read(tile: Tile, image: np.ndarray) -> np.ndarray:
-    """The tile's core cut from its model input (the read box at the model's pixel size): the same
-    pixels as a read of the core, since every output pixel is filtered from the same slide pixels."""
-    return image[tile.core.relative_to(tile.read).slices()]
 
 
 def post_process(
