@@ -370,8 +370,8 @@ class SlideOptions:
 # The network's context reaches about 128 model pixels: with that halo a stitched probability equals
 # one pass over real H&E within 1e-4 at fp32; with 64 it differed by up to 0.36 (benchmarks/RESULTS.md).
 DEFAULT_HALO = 128
-# 1152 on CPU, per core pixel (halo included, benchmarks/RESULTS.md): 1280 px is 6% cheaper but needs 19%
-# more peak memory, 1024 px is 11% dearer, 1536 px 55% dearer
+# 1152 on CPU, per core pixel (halo included, benchmarks/RESULTS.md): with the current inference form 1280 and
+# 1536 px are 6-8% cheaper but need 0.5-1.4 GB more memory; 1024 px is dearer
 DEFAULT_TILE_SIZE = 1152  # core 896: two 448-px zarr chunks a side
 
 
