@@ -33,13 +33,22 @@ def _statuses(text: str) -> dict[str, str]:
     return {Path(m.group(2)).stem: m.group(1) for m in re.finditer(r"^  (ok|skipped|failed|busy)\s+(\S+)", text, re.M)}
 
 
+def _recorded(out: Path, name: str) -> bool:
+    """The slide's results are in place and the ledger records it (cohort.csv is replaced atomically)."""
+    if not (out / name / "report.json").exists() or not (out / "cohort.csv").exists():
+        return False
+    return name in ledger(out)
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(cohort, tmp_path):
     root, names, args = cohort
     out = tmp_path / "out"
     run = popen_cli(root / "slides", "--out", out, *args, log=tmp_path / "killed.log")
     try:
         deadline = time.monotonic() + 300
-        while not (out / names[0] / "report.json").exists() and run.poll() is None and time.monotonic() < deadline:
+        # A slide is finished once its folder is in place and then its row is in the ledger (in that order,
+        # so a kill between the two leaves a complete folder the next run skips): wait for both.
+        while not _recorded(out, names[0]) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert run.poll() is None, "ended before the kill:\n" + (tmp_path / "killed.log").read_text()
         finished_at_kill = [n for n in names if (out / n / "report.json").exists()]
