@@ -12,6 +12,11 @@ Protocols (``--protocol``, comma-separated):
                (``segment.label_maps(at="input")``) against the original truth.
   input+<tta>  as ``input`` with test-time augmentation (flips, rot4, dihedral) in the predictor.
 
+Tuning (``--tune``, on the select images, under ``--tune-protocol``, default input+flips): the
+foreground threshold by the mean foreground Dice over all select images, then the instance
+parameters (marker spacing, relief levels, minimum area) by the mean AJI over the select images of
+MoNuSeg and CPM-15 (``tune.tune_threshold_then_instances``).
+
 Usage:
   python benchmarks/evaluate_split.py --data DIR... --weights CKPT|packaged --tune [--write-params]
   python benchmarks/evaluate_split.py --data DIR... --weights CKPT|packaged --split report \\
@@ -35,10 +40,10 @@ from wsi_grunet.evaluate.metrics import pair_counts
 from wsi_grunet.model.checkpoint import checkpoint_paths, load_checkpoint, packaged_weights
 from wsi_grunet.model.predictor import Predictor
 from wsi_grunet.postprocess import PostprocessParams, label_nuclei
-from wsi_grunet.segment import label_maps, predict_tiled
-from wsi_grunet.train.data import dataset_spec, read_labels, read_rgb
+from wsi_grunet.segment import predict_tiled, resize_map
+from wsi_grunet.train.data import dataset_spec, read_labels
 from wsi_grunet.train.loop import load_training_data
-from wsi_grunet.train.tune import INSTANCE_OBJECTIVE_EXCLUDES, ValidationItem, summarise, tune_postprocess
+from wsi_grunet.train.tune import ValidationItem, summarise, tune_threshold_then_instances
 
 METRICS = ("dice", "iou", "soft_dice", "aji", "aji_plus", "dq", "sq", "pq")
 
@@ -64,34 +69,43 @@ def model_maps(predictor: Predictor, image: np.ndarray, cache: Path | None) -> d
     return maps
 
 
-def evaluate(
-    args: argparse.Namespace, bundle: Any, params: PostprocessParams, protocol: str, samples: list, cache_root: Path
-) -> dict[str, Any]:
+def protocol_items(
+    args: argparse.Namespace, bundle: Any, protocol: str, samples: list, cache_root: Path
+) -> list[ValidationItem]:
+    """Truth and maps of each image at the resolution the protocol finds nuclei at."""
     tta = protocol.split("+", 1)[1] if "+" in protocol else "none"
     at = protocol.split("+", 1)[0]
     predictor = Predictor(bundle, "cpu", tta=tta)
-    per_image: dict[str, dict[str, Any]] = {}
-    start = time.monotonic()
+    items = []
     for s in samples:
         maps = model_maps(predictor, s.image, cache_root / f"{bundle.sha256[:12]}_{tta}" / f"{s.dataset}__{s.name}.npz")
         if at == "model":
-            labels = label_nuclei(maps["prob"], bundle.mpp, params, maps.get("distance"))
-            truth, prob = s.labels, maps["prob"]
-        else:
-            folder = next(Path(d) for d in args.data if Path(d).name == s.dataset)
-            spec = dataset_spec(folder)
-            image_path = next(p for p in (folder / "images").iterdir() if p.stem == s.name)
-            label_path = next(p for p in (folder / spec.labels_dir).iterdir() if p.stem == s.name)
-            image_mpp = spec.mpp_per_image.get(s.name, spec.mpp)
-            truth = read_labels(label_path)
-            shape = read_rgb(image_path).shape[:2]
-            labels, prob = label_maps(maps, shape, image_mpp, bundle.mpp, params, at="input")
-        counts = pair_counts(truth, labels, prob, params.threshold)
-        per_image[s.name] = {"dataset": s.dataset, **{k: float(v) for k, v in counts.metrics().items()}}
+            items.append(ValidationItem(s.name, s.dataset, s.labels, maps["prob"], maps.get("distance"), bundle.mpp))
+            continue
+        folder = next(Path(d) for d in args.data if Path(d).name == s.dataset)
+        spec = dataset_spec(folder)
+        label_path = next(p for p in (folder / spec.labels_dir).iterdir() if p.stem == s.name)
+        truth = read_labels(label_path)
+        # label_maps(at="input"): the maps resampled to the image, nuclei found there
+        resized = {k: resize_map(v, truth.shape) for k, v in maps.items()}
+        image_mpp = spec.mpp_per_image.get(s.name, spec.mpp)
+        items.append(ValidationItem(s.name, s.dataset, truth, resized["prob"], resized.get("distance"), image_mpp))
+    return items
+
+
+def evaluate(
+    args: argparse.Namespace, bundle: Any, params: PostprocessParams, protocol: str, samples: list, cache_root: Path
+) -> dict[str, Any]:
+    start = time.monotonic()
+    per_image: dict[str, dict[str, Any]] = {}
+    for item in protocol_items(args, bundle, protocol, samples, cache_root):
+        labels = label_nuclei(item.prob, item.mpp, params, item.distance)
+        counts = pair_counts(item.truth, labels, item.prob, params.threshold)
+        per_image[item.name] = {"dataset": item.dataset, **{k: float(v) for k, v in counts.metrics().items()}}
     return {
         "protocol": protocol,
-        "tta": tta,
-        "labels_at": at,
+        "tta": protocol.split("+", 1)[1] if "+" in protocol else "none",
+        "labels_at": protocol.split("+", 1)[0],
         "seconds": time.monotonic() - start,
         "summary": summarise(per_image),
         "images": per_image,
@@ -107,6 +121,10 @@ def main() -> None:
     parser.add_argument("--write-params", action="store_true", help="store the tuned values in the checkpoint JSON")
     parser.add_argument("--params-from", help="JSON written by --tune: use its best parameters")
     parser.add_argument("--protocol", default="model,input")
+    parser.add_argument(
+        "--tune-protocol", default="input+flips", help="protocol the tuning scores (default input+flips)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="processes for the tuning grid")
     parser.add_argument("--cache", default=".scratch/eval_maps")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()
@@ -120,23 +138,22 @@ def main() -> None:
         "sha256": bundle.sha256,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
     }
+    stored = PostprocessParams.from_dict(bundle.metadata.get("postprocess") or {})
     if args.tune:
-        predictor = Predictor(bundle, "cpu", tta="none")
-        # TNBC's merged labels do not steer instance parameters (tune.INSTANCE_OBJECTIVE_EXCLUDES)
-        steering = [s for s in data.select if s.dataset not in INSTANCE_OBJECTIVE_EXCLUDES]
-        items = []
-        for s in steering:
-            cached = cache_root / f"{bundle.sha256[:12]}_none" / f"{s.dataset}__{s.name}.npz"
-            maps = model_maps(predictor, s.image, cached)
-            items.append(ValidationItem(s.name, s.dataset, s.labels, maps["prob"], maps.get("distance")))
-        tuned = tune_postprocess(items, bundle.mpp)
+        # The threshold by foreground Dice over all select images, then the instance parameters by
+        # AJI over the select images whose labels separate touching nuclei (tune.INSTANCE_OBJECTIVE_EXCLUDES).
+        items = protocol_items(args, bundle, args.tune_protocol, data.select, cache_root)
+        tuned = tune_threshold_then_instances(items, bundle.mpp, stored, workers=args.workers)
         best = tuned["best"]
         result.update(
             split="select",
             tuned={
+                "protocol": args.tune_protocol,
                 "params": best["params"],
                 "summary": best["summary"],
+                "thresholds": tuned["thresholds"],
                 "images": [f"{i.dataset}/{i.name}" for i in items],
+                "grid": tuned["grid"],
             },
         )
         print(json.dumps({"best_params": best["params"], "select_objective": best["summary"]["objective"]}))
@@ -148,14 +165,16 @@ def main() -> None:
             meta.setdefault("training", {})["postprocess_tuning"] = {
                 "split": "select",
                 "images": result["tuned"]["images"],
-                "objective": "mean AJI (MoNuSeg + CPM-15)",
+                "protocol": args.tune_protocol,
+                "result_file": args.out,
+                "objective": "threshold: mean foreground Dice (all select images); the rest: mean AJI (MoNuSeg + CPM-15)",
                 "summary": best["summary"],
             }
             tmp = json_path.with_name(json_path.name + ".tmp")
-            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, json_path)
     else:
-        params = PostprocessParams.from_dict(bundle.metadata.get("postprocess") or {})
+        params = stored
         if args.params_from:
             params = PostprocessParams.from_dict(json.loads(Path(args.params_from).read_text())["tuned"]["params"])
         samples = data.select if args.split == "select" else data.report

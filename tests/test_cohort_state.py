@@ -37,6 +37,9 @@ def test_fingerprint_changes_with_what_changes_results(tmp_path):
         "tissue": cs.slide_fingerprint(slide, load_config(None, [{"tissue": {"enabled": False}}]), "w1"),
         "formats": cs.slide_fingerprint(slide, load_config(None, [{"output": {"formats": ["geojson"]}}]), "w1"),
         "chunk": cs.slide_fingerprint(slide, load_config(None, [{"output": {"chunk": 128}}]), "w1"),
+        "relief levels": cs.slide_fingerprint(slide, load_config(None, [{"postprocess": {"relief_levels": 3}}]), "w1"),
+        # The same tensors with post-processing tuned again (stored beside the weights)
+        "weights' tuning": cs.slide_fingerprint(slide, load_config(), "w1", {"relief_levels": 3.0}),
     }
     for what, value in changed.items():
         assert value != base, what

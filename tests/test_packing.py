@@ -28,7 +28,10 @@ def sparse_nuclei(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarra
     return mask
 
 
-@pytest.mark.parametrize("params", [PARAMS, PostprocessParams(marker_min_distance_um=6.0, compactness=0.01)])
+@pytest.mark.parametrize(
+    "params",
+    [PARAMS, PostprocessParams(marker_min_distance_um=6.0, compactness=0.01), PostprocessParams(relief_levels=3)],
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_packed_labelling_equals_labelling_the_whole_array(seed: int, params: PostprocessParams):
     rng = np.random.default_rng(seed)
@@ -37,7 +40,7 @@ def test_packed_labelling_equals_labelling_the_whole_array(seed: int, params: Po
     components, _ = ndi.label(prob > params.threshold, structure=EIGHT)
     packed = pack_components(components)
     assert packed is not None and packed.canvas.size < 0.5 * prob.size  # the packed path is the one taken
-    whole = _semantic_instances(components, MPP * MPP, params, MPP)
+    whole = _semantic_instances(components, prob, MPP * MPP, params, MPP)
     labels = label_nuclei(prob, MPP, params)
     assert labels.dtype == whole.dtype
     np.testing.assert_array_equal(labels, whole)
@@ -53,6 +56,12 @@ def test_packing_round_trip_keeps_every_pixel_and_moves_groups_whole():
     packed = pack_components(components)
     assert packed is not None
     np.testing.assert_array_equal(packed.unpack(packed.canvas), components)
+    # A per-pixel map taken onto the canvas holds each component pixel's own value.
+    values = rng.integers(1, 1000, components.shape)
+    taken = packed.take(values)
+    np.testing.assert_array_equal(
+        packed.unpack(np.where(packed.canvas > 0, taken, 0)), np.where(components > 0, values, 0)
+    )
     # Components stay apart on the canvas: labelling it again finds the same number of them.
     assert ndi.label(packed.canvas > 0, structure=EIGHT)[1] == n
     assert np.array_equal(np.unique(packed.canvas), np.unique(components))

@@ -116,6 +116,8 @@ LOCALITY_CASES = [
     ("distance", PARAMS),
     # Wide marker suppression and compact watershed: neither may reach across components.
     ("semantic", PostprocessParams(marker_min_distance_um=12.0, compactness=0.01)),
+    # The distance to higher probability levels must not reach across components either.
+    ("semantic", PostprocessParams(relief_levels=4)),
 ]
 
 
@@ -254,3 +256,28 @@ def test_parameters_round_trip_and_validation():
         PostprocessParams.from_dict({"compactness": "high"})
     with pytest.raises(ValueError, match="2-D"):
         label_nuclei(np.zeros((2, 3, 4), np.float32), MPP, PARAMS)
+
+
+def test_relief_levels_split_touching_nuclei_along_a_probability_valley():
+    """Two nuclei fused into one blob with no neck in its outline (the distance transform has a
+    single maximum) but a valley of probability between them that stays above the threshold:
+    the distance to the higher levels splits them; the foreground's distance alone does not."""
+    shape = (60, 80)
+    xx = np.mgrid[: shape[0], : shape[1]][1]
+    blob = ellipse(shape, 30, 40, 22, 11, 0.0)
+    prob = np.where(blob, 0.97, 0.0)
+    # The valley: above the threshold (0.5) and above the second level (0.67), below the third (0.83).
+    prob = np.where(blob & (np.abs(xx - 40) < 2.5), 0.75, prob).astype(np.float32)
+    one = label_nuclei(prob, MPP, PostprocessParams(relief_levels=1))
+    three = label_nuclei(prob, MPP, PostprocessParams(relief_levels=3))
+    assert one.max() == 1
+    assert three.max() == 2
+    left, right = three[30, 25], three[30, 55]
+    assert left != right and {left, right} == {1, 2}
+    assert (three > 0).sum() == (one > 0).sum()  # the same foreground, only cut
+
+
+@pytest.mark.parametrize("value", [0, 2.5, 9, float("nan")])
+def test_relief_levels_must_be_a_whole_number_in_range(value):
+    with pytest.raises(ConfigError, match="relief_levels"):
+        PostprocessParams(relief_levels=value)

@@ -30,7 +30,7 @@ from wsi_grunet.train.augment import (
 )
 from wsi_grunet.train.data import dataset_spec, known_datasets, load_dataset
 from wsi_grunet.train.loop import learning_rate, resolve_speed, segmentation_loss, train, validate
-from wsi_grunet.train.tune import ValidationItem, default_grid, tune_postprocess
+from wsi_grunet.train.tune import ValidationItem, default_grid, tune_postprocess, tune_threshold_then_instances
 
 PINK = (235, 170, 205)
 HAEMATOXYLIN = (90, 40, 130)
@@ -403,9 +403,44 @@ def test_tune_postprocess_picks_the_highest_aji():
     assert result["best"]["summary"]["tnbc"]["images"] == 1
 
 
+def test_two_stage_tuning_takes_the_threshold_by_dice_over_all_images_then_instances_by_aji():
+    from wsi_grunet.evaluate.metrics import pair_counts
+
+    items = validation_items()
+    mpp = 0.5
+    base = PostprocessParams(min_area_um2=4.0)
+    thresholds = (0.2, 0.4, 0.6)
+    grid = [{"marker_min_distance_um": d, "relief_levels": n} for d in (1.5, 6.0) for n in (1, 3)]
+    result = tune_threshold_then_instances(items, mpp, base, thresholds, grid)
+
+    def labels_of(item, params):
+        return label_nuclei(item.prob, mpp, params)
+
+    dice = [
+        np.mean(
+            [
+                pair_counts(i.truth, labels_of(i, base.with_overrides(threshold=t)), i.prob, t).metrics()["dice"]
+                for i in items
+            ]
+        )
+        for t in thresholds
+    ]
+    assert len(set(np.round(dice, 6))) == len(thresholds), "the thresholds must differ in Dice"
+    chosen = thresholds[int(np.argmax(dice))]
+    assert result["threshold"] == chosen
+    assert [r["dice_all"] for r in result["thresholds"]] == pytest.approx(dice, abs=1e-12)
+
+    ajis = []
+    for values in grid:
+        params = base.with_overrides(threshold=chosen, **values)
+        ajis.append(np.mean([aji(i.truth, labels_of(i, params)) for i in items if i.dataset != "tnbc"]))
+    assert result["best"]["params"] == base.with_overrides(threshold=chosen, **grid[int(np.argmax(ajis))]).to_dict()
+    assert all(g["params"]["threshold"] == chosen for g in result["grid"])
+
+
 def test_default_grid_shapes():
     semantic, distance = default_grid(False), default_grid(True)
-    assert len(semantic) == 36 and all("marker_min_distance_um" in g for g in semantic)
+    assert len(semantic) == 144 and all("marker_min_distance_um" in g and "relief_levels" in g for g in semantic)
     assert len(distance) == 45 and all("marker_threshold" in g for g in distance)
     for values in semantic + distance:
         PostprocessParams().with_overrides(**values)  # every point is a valid parameter set

@@ -119,7 +119,9 @@ def run_cohort(
                 continue
             locks[k] = lock
             try:
-                fingerprints[k] = slide_fingerprint(Path(entry.path), cfg, bundle.sha256)
+                fingerprints[k] = slide_fingerprint(
+                    Path(entry.path), cfg, bundle.sha256, bundle.metadata.get("postprocess")
+                )
             except OSError:  # an unreadable slide: prepare_slide reports it
                 fingerprints[k] = None
             remove_stale_folders(out_root / entry.name, lock)  # a killed run's temporary folders

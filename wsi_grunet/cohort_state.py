@@ -103,8 +103,13 @@ def fingerprint(weights_sha256: str | None, settings: Mapping[str, Any], identit
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def slide_fingerprint(slide: Path, cfg: RunConfig, weights_sha256: str | None) -> str:
-    return fingerprint(weights_sha256, result_settings(cfg), slide_identity(slide))
+def slide_fingerprint(
+    slide: Path, cfg: RunConfig, weights_sha256: str | None, weights_postprocess: Mapping[str, Any] | None = None
+) -> str:
+    """Fingerprint of one slide's results. ``weights_postprocess`` are the post-processing values
+    stored beside the weights: tuned again, they change the nuclei while the tensors stay the same."""
+    settings = {**result_settings(cfg), "weights_postprocess": dict(weights_postprocess or {})}
+    return fingerprint(weights_sha256, settings, slide_identity(slide))
 
 
 def finished_report(final_dir: Path, expected: str) -> dict[str, Any] | None:

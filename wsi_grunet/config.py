@@ -411,6 +411,7 @@ class PostprocessOptions:
     marker_threshold: float | None = option(None, min=0, lt=1)
     marker_min_distance_um: float | None = option(None, min=0)
     compactness: float | None = option(None, min=0)
+    relief_levels: int | None = option(None, min=1, max=8)
 
 
 def _address_problem(value: str) -> str | None:

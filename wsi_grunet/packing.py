@@ -33,6 +33,15 @@ class PackedComponents:
     group_of_slot: np.ndarray  # (canvas H, W) group index + 1 inside a group's slot, else 0
     shift: np.ndarray  # (groups, 2): tile position = canvas position + shift
 
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """A per-pixel map of the tile (e.g. the probability) laid out like the canvas: each group's
+        slot holds the values of its box in the tile, 0 outside the slots."""
+        out = np.zeros(self.canvas.shape, dtype=values.dtype)
+        rows, cols = np.nonzero(self.group_of_slot)
+        group = self.group_of_slot[rows, cols] - 1
+        out[rows, cols] = values[rows + self.shift[group, 0], cols + self.shift[group, 1]]
+        return out
+
     def unpack(self, canvas_labels: np.ndarray) -> np.ndarray:
         """Labels on the canvas -> the same labels at their places in the tile (int64, 0 elsewhere)."""
         out = np.zeros(self.tile_shape, dtype=np.int64)

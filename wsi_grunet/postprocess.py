@@ -42,6 +42,8 @@ SMOOTHING_SIGMA_PX = 1.0
 # above the saddle joining it to a higher maximum. Chosen on synthetic nuclei of radius 5-12 px
 # with noisy edges: ellipses up to 3:1 stay whole, discs whose centres are >= 1.4 radii apart split.
 MARKER_DYNAMIC_PX = 0.35
+# More levels than this add distance transforms without changing the relief measurably.
+MAX_RELIEF_LEVELS = 8
 _TRUNCATE = 2.0  # kernel radius = ceil(truncate * sigma)
 
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -56,12 +58,20 @@ class PostprocessParams:
     marker_threshold: float = 0.5  # distance mode only: markers = distance > marker_threshold
     marker_min_distance_um: float = 2.0  # semantic mode: minimum separation of watershed markers
     compactness: float = 0.0  # scikit-image watershed compactness (0: classic watershed)
+    # Semantic mode: probability levels whose distance transforms are averaged into the watershed
+    # relief (1: the distance transform of the foreground alone; see ``level_distance``).
+    relief_levels: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("threshold", "marker_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"postprocess.{name} must lie in [0, 1), got {value!r}")
+        if not (float(self.relief_levels).is_integer() and 1 <= self.relief_levels <= MAX_RELIEF_LEVELS):
+            raise ConfigError(
+                f"postprocess.relief_levels must be a whole number from 1 to {MAX_RELIEF_LEVELS}, "
+                f"got {self.relief_levels!r}"
+            )
         for name in ("min_area_um2", "marker_min_distance_um", "compactness"):
             value = getattr(self, name)
             if not value >= 0.0:  # also rejects NaN
@@ -118,7 +128,8 @@ def label_nuclei(
     pixels and its one-pixel background outline (see the module docstring). A crop containing a
     component plus a one-pixel margin gives the same instances as the whole image.
 
-    Semantic mode: fill small holes; Euclidean distance transform, smoothed inside each component
+    Semantic mode: fill small holes; Euclidean distance transform (averaged over
+    ``relief_levels`` probability levels, see :func:`level_distance`), smoothed inside each component
     (``d``, pixels); markers are the maxima of ``d`` whose dynamic is at least
     ``MARKER_DYNAMIC_PX``, thinned so that markers of one component are at least
     ``marker_min_distance_um`` apart (higher maxima win); watershed of ``-d`` inside the
@@ -146,8 +157,9 @@ def label_nuclei(
         # of the pixels). The distance mode's single watershed is left as it is.
         packed = pack_components(components)
         if packed is None:
-            return _semantic_instances(components, px_area_um2, params, mpp)
-        return relabel_raster(packed.unpack(_semantic_instances(packed.canvas, px_area_um2, params, mpp)))
+            return _semantic_instances(components, prob, px_area_um2, params, mpp)
+        canvas_prob = packed.take(prob)
+        return relabel_raster(packed.unpack(_semantic_instances(packed.canvas, canvas_prob, px_area_um2, params, mpp)))
     components = _fill_enclosed_holes(components, HOLE_MAX_UM2 / px_area_um2)
     foreground = components > 0
     relief = np.where(foreground, distance.astype(np.float64), 0.0)
@@ -161,15 +173,33 @@ def label_nuclei(
     return relabel_raster(labels, min_size=params.min_area_um2 / px_area_um2)
 
 
+def level_distance(foreground: np.ndarray, prob: np.ndarray, threshold: float, levels: int) -> np.ndarray:
+    """Mean, over ``levels`` probability levels evenly spaced from ``threshold`` towards 1, of the
+    Euclidean distance transform of the foreground pixels above each level (pixels; 0 outside).
+
+    One level is the distance transform of the foreground itself. Touching nuclei usually meet in a
+    valley of probability that stays above the threshold: the higher levels cut them apart there, so
+    the mean deepens the saddle between their centres and each keeps its own marker. Locality: the
+    pixels below a level are a superset of the background, so each distance is still that to a pixel
+    of the same component or of its one-pixel outline.
+    """
+    # Pad with background so that the array edge counts as background, as the slide edge does.
+    total = ndi.distance_transform_edt(np.pad(foreground, 1))[1:-1, 1:-1]
+    for k in range(1, levels):
+        above = foreground & (prob > threshold + k * (1.0 - threshold) / levels)
+        total += ndi.distance_transform_edt(np.pad(above, 1))[1:-1, 1:-1]
+    return total / levels if levels > 1 else total
+
+
 def _semantic_instances(
-    components: np.ndarray, px_area_um2: float, params: PostprocessParams, mpp: float
+    components: np.ndarray, prob: np.ndarray, px_area_um2: float, params: PostprocessParams, mpp: float
 ) -> np.ndarray:
-    """Semantic mode of :func:`label_nuclei` on labelled components (any ids, 0 background)."""
+    """Semantic mode of :func:`label_nuclei` on labelled components (any ids, 0 background) and the
+    probability on the same pixels."""
     components = _fill_enclosed_holes(components, HOLE_MAX_UM2 / px_area_um2)
     foreground = components > 0
-    # Pad with background so that the array edge counts as background, as the slide edge does.
-    edt = ndi.distance_transform_edt(np.pad(foreground, 1))[1:-1, 1:-1]
-    relief = _smooth_within_components(edt, components, SMOOTHING_SIGMA_PX)
+    distance = level_distance(foreground, prob, params.threshold, int(params.relief_levels))
+    relief = _smooth_within_components(distance, components, SMOOTHING_SIGMA_PX)
     # A component whose relief has a single regional maximum gets a single marker, so it is one
     # instance whatever the marker search and watershed would do: only the others need them.
     multi = _multi_peak_components(relief, components)
