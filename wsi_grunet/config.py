@@ -550,10 +550,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         core, chunk = self.tiling.core, self.output.chunk
         if chunk != "auto" and core % chunk:
-            hint = max(c for c in range(16, min(core, 256) + 1, 16) if core % c == 0)
             raise InvalidValue(
                 f"output.chunk: {chunk} does not divide the tile core {core} (tiling.tile_size {self.tiling.tile_size}"
-                f" - 2*tiling.halo {self.tiling.halo}); allowed: auto or a multiple of 16 dividing {core}, e.g. {hint}",
+                f" - 2*tiling.halo {self.tiling.halo}); allowed: auto (here {zarr_chunk(core, 'auto')})"
+                f" or a multiple of 16 dividing {core}",
                 "output.chunk",
                 "tiling.tile_size",
                 "tiling.halo",
