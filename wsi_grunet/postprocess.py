@@ -158,7 +158,7 @@ def label_nuclei(
         packed = pack_components(components)
         if packed is None:
             return _semantic_instances(components, prob, px_area_um2, params, mpp)
-        canvas_prob = packed.take(prob)
+        canvas_prob = packed.take(prob) if params.relief_levels > 1 else None  # one level reads no probability
         return relabel_raster(packed.unpack(_semantic_instances(packed.canvas, canvas_prob, px_area_um2, params, mpp)))
     components = _fill_enclosed_holes(components, HOLE_MAX_UM2 / px_area_um2)
     foreground = components > 0
@@ -173,7 +173,7 @@ def label_nuclei(
     return relabel_raster(labels, min_size=params.min_area_um2 / px_area_um2)
 
 
-def level_distance(foreground: np.ndarray, prob: np.ndarray, threshold: float, levels: int) -> np.ndarray:
+def level_distance(foreground: np.ndarray, prob: np.ndarray | None, threshold: float, levels: int) -> np.ndarray:
     """Mean, over ``levels`` probability levels evenly spaced from ``threshold`` towards 1, of the
     Euclidean distance transform of the foreground pixels above each level (pixels; 0 outside).
 
@@ -185,14 +185,18 @@ def level_distance(foreground: np.ndarray, prob: np.ndarray, threshold: float, l
     """
     # Pad with background so that the array edge counts as background, as the slide edge does.
     total = ndi.distance_transform_edt(np.pad(foreground, 1))[1:-1, 1:-1]
+    if levels == 1:
+        return total
+    if prob is None:
+        raise ValueError("more than one relief level needs the probability")
     for k in range(1, levels):
         above = foreground & (prob > threshold + k * (1.0 - threshold) / levels)
         total += ndi.distance_transform_edt(np.pad(above, 1))[1:-1, 1:-1]
-    return total / levels if levels > 1 else total
+    return total / levels
 
 
 def _semantic_instances(
-    components: np.ndarray, prob: np.ndarray, px_area_um2: float, params: PostprocessParams, mpp: float
+    components: np.ndarray, prob: np.ndarray | None, px_area_um2: float, params: PostprocessParams, mpp: float
 ) -> np.ndarray:
     """Semantic mode of :func:`label_nuclei` on labelled components (any ids, 0 background) and the
     probability on the same pixels."""
