@@ -23,39 +23,30 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from evaluate_split import protocol_items, weights_path
 
 from wsi_grunet.config import load_train_config
-from wsi_grunet.evaluate.metrics import pair_counts
 from wsi_grunet.model.checkpoint import load_checkpoint
-from wsi_grunet.postprocess import PostprocessParams, label_nuclei
+from wsi_grunet.postprocess import PostprocessParams
 from wsi_grunet.train.loop import load_training_data
-from wsi_grunet.train.tune import INSTANCE_OBJECTIVE_EXCLUDES, THRESHOLDS, ValidationItem, instance_grid
+from wsi_grunet.train.tune import THRESHOLDS, ValidationItem, instance_grid, mean_dice, score_setting, summarise
 
 ITEMS: dict[str, list[ValidationItem]] = {}
+MODEL_MPP: list[float] = []  # the model's microns per pixel, for items at model resolution
 
 
 def _score(values: dict[str, float]) -> dict[str, Any]:
-    params = PostprocessParams().with_overrides(**values)
-    out: dict[str, Any] = {"params": params.to_dict()}
+    """Both halves scored with one setting: the AJI objective (per image, MoNuSeg + CPM-15), the
+    threshold's objective (Dice over every image) and each dataset's means."""
+    out: dict[str, Any] = {}
     for split, items in ITEMS.items():
-        rows = []
-        for item in items:
-            labels = label_nuclei(item.prob, item.mpp or 0.5, params, item.distance)
-            m = pair_counts(item.truth, labels, item.prob, params.threshold).metrics()
-            rows.append(
-                {"image": f"{item.dataset}/{item.name}", "dataset": item.dataset, "aji": m["aji"], "dice": m["dice"]}
-            )
-        instance = [r for r in rows if r["dataset"] not in INSTANCE_OBJECTIVE_EXCLUDES]
-        datasets = sorted({r["dataset"] for r in rows})
+        scored = score_setting(items, MODEL_MPP[0], values)
+        out["params"] = scored["params"]
+        summary = summarise(scored["images"])
         out[split] = {
-            "aji_per_image": float(np.mean([r["aji"] for r in instance])),  # MoNuSeg + CPM-15, the AJI objective
-            "dice_all": float(np.mean([r["dice"] for r in rows])),  # every image, the threshold's objective
-            **{
-                d: {k: float(np.mean([r[k] for r in rows if r["dataset"] == d])) for k in ("aji", "dice")}
-                for d in datasets
-            },
+            "aji_per_image": summary["objective"]["aji"],
+            "dice_all": mean_dice(scored["images"]),
+            **{d: {"aji": m["aji"], "dice": m["dice"]} for d, m in summary.items() if d != "objective"},
         }
     return out
 
@@ -73,8 +64,9 @@ def _two_stage(points: list[dict[str, Any]], split: str, base: PostprocessParams
     return _pick([p for p in points if p["params"]["threshold"] == threshold], split, "aji_per_image")
 
 
-def _init(items: dict[str, list[ValidationItem]]) -> None:
+def _init(items: dict[str, list[ValidationItem]], model_mpp: float) -> None:
     ITEMS.update(items)
+    MODEL_MPP.append(model_mpp)
 
 
 def main() -> None:
@@ -94,7 +86,7 @@ def main() -> None:
     }
     grid = [{"threshold": t, **values} for t in THRESHOLDS for values in instance_grid(False)]
     start = time.monotonic()
-    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(items,)) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(items, bundle.mpp)) as pool:
         points = list(pool.map(_score, grid, chunksize=4))
 
     base = PostprocessParams.from_dict(bundle.metadata.get("postprocess") or {})

@@ -50,8 +50,8 @@ def default_grid(with_distance: bool) -> list[dict[str, float]]:
     return [{"threshold": t, **s} for t in (0.4, 0.5, 0.6) for s in instance_grid(with_distance)]
 
 
-def _score(args: tuple[list[ValidationItem], float, dict[str, float]]) -> dict[str, Any]:
-    items, mpp, values = args
+def score_setting(items: list[ValidationItem], mpp: float, values: dict[str, float]) -> dict[str, Any]:
+    """Label every item with the default parameters overridden by ``values``; the metrics per image."""
     params = PostprocessParams().with_overrides(**values)
     per_image = {}
     for item in items:
@@ -59,6 +59,15 @@ def _score(args: tuple[list[ValidationItem], float, dict[str, float]]) -> dict[s
         counts = pair_counts(item.truth, labels, item.prob, params.threshold)
         per_image[item.name] = {"dataset": item.dataset, **counts.metrics()}
     return {"params": params.to_dict(), "images": per_image}
+
+
+def _score(job: tuple[list[ValidationItem], float, dict[str, float]]) -> dict[str, Any]:
+    return score_setting(*job)
+
+
+def mean_dice(per_image: dict[str, dict[str, Any]]) -> float:
+    """Mean foreground Dice over every image, TNBC included (the threshold's objective)."""
+    return float(np.mean([m["dice"] for m in per_image.values()]))
 
 
 def _run(jobs: list[tuple[list[ValidationItem], float, dict[str, float]]], workers: int) -> list[dict[str, Any]]:
@@ -117,8 +126,7 @@ def tune_threshold_then_instances(
     base_values = base.to_dict()
     stage1 = _run([(items, mpp, {**base_values, "threshold": t}) for t in thresholds], workers)
     for result in stage1:
-        result["summary"] = summarise(result["images"])
-        result["dice_all"] = float(np.mean([m["dice"] for m in result["images"].values()]))
+        result["dice_all"] = mean_dice(result["images"])
     threshold = max(stage1, key=lambda r: r["dice_all"])["params"]["threshold"]
     grid = grid or instance_grid(items[0].distance is not None)
     stage2 = tune_postprocess(
