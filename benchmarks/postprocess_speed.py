@@ -92,13 +92,17 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE)
     parser.add_argument("--halo", type=int, default=DEFAULT_HALO)
     parser.add_argument("--tiles", type=int, default=4)
-    parser.add_argument("--threshold", type=float, default=0.5)  # the packaged weights' tuned threshold
+    # The null model's own post-processing; the packaged weights' is --threshold 0.3 --relief-levels 3.
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--relief-levels", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     images = source_images(args.data)
     model = NullModel(MODEL_MPP)
-    params = PostprocessParams(threshold=args.threshold, min_area_um2=4.0, marker_min_distance_um=1.5)
+    params = PostprocessParams(
+        threshold=args.threshold, min_area_um2=4.0, marker_min_distance_um=1.5, relief_levels=args.relief_levels
+    )
     size, halo = args.tile_size, args.halo
     # The tile is the whole slide: a mosaic has no tissue beyond it, so its borders are slide edges.
     read = Box(0, 0, size, size)
