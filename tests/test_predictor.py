@@ -66,6 +66,18 @@ def test_cpuinfo_flags_decide_native_bf16(tmp_path):
     assert cpu_has_native_bf16(tmp_path / "missing") is False
 
 
+def test_an_isa_cap_below_bf16_means_no_native_bf16(tmp_path, monkeypatch):
+    with_bf16 = tmp_path / "a"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16\n")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert cpu_has_native_bf16(with_bf16) is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_has_native_bf16(with_bf16) is True
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")
+    assert cpu_has_native_bf16(with_bf16) is False
+
+
 def test_auto_settings_on_cpu_follow_the_hardware():
     predictor = Predictor(_bundle(), device="cpu", threads=1)
     info = predictor.describe()

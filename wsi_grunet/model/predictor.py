@@ -92,12 +92,22 @@ def choose_device(requested: str = "auto", key: str = "model.device") -> torch.d
     return device
 
 
+# oneDNN's ISA caps below AVX512_CORE_BF16: with one of them bf16 is emulated whatever the CPU has
+ISA_CAPS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when the CPU computes bf16 natively (x86 AVX-512 BF16 or AMX, Arm BF16).
 
     Without it oneDNN emulates bf16 and autocast is slower than float32, so ``amp: auto`` keeps
-    float32 there. Non-Linux systems without /proc/cpuinfo are treated as lacking it.
+    float32 there. Non-Linux systems without /proc/cpuinfo are treated as lacking it, and so is a
+    CPU whose instruction set oneDNN is told to stop short of bf16 (``ONEDNN_MAX_CPU_ISA``, e.g.
+    ``AVX2`` to behave as an AVX2-only machine).
     """
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper() in ISA_CAPS_WITHOUT_BF16:
+        return False
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
