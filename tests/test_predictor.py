@@ -53,7 +53,9 @@ def _reference(bundle, tiles: np.ndarray) -> np.ndarray:
     return torch.sigmoid(logits).numpy()
 
 
-def test_cpuinfo_flags_decide_native_bf16(tmp_path):
+def test_cpuinfo_flags_decide_native_bf16(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # a cap would decide instead (next test)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     with_bf16 = tmp_path / "a"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
     without = tmp_path / "b"

@@ -19,6 +19,7 @@ from wsi_grunet.errors import ConfigError
 from wsi_grunet.evaluate.metrics import aji
 from wsi_grunet.model.checkpoint import load_checkpoint
 from wsi_grunet.model.grunet import GRUNet, GRUNetConfig
+from wsi_grunet.model.training_form import TrainingGRUNet
 from wsi_grunet.postprocess import PostprocessParams, label_nuclei
 from wsi_grunet.train.augment import (
     brightness_contrast,
@@ -111,8 +112,10 @@ def test_tiny_training_run_lowers_the_loss(dataset, tmp_path):
     arch = GRUNetConfig(base_filters=4, attention_width=8)
     torch.manual_seed(TINY.seed)
     initial = GRUNet(arch)  # train() seeds the same way before building its model
-    final = GRUNet(arch)
-    final.load_state_dict({k[len("model.") :]: v for k, v in state_tensors(out).items() if k.startswith("model.")})
+    # the training state holds the training form (skip inputs read once); written back, it is a GRU-Net
+    form = TrainingGRUNet(GRUNet(arch))
+    form.load_state_dict({k[len("model.") :]: v for k, v in state_tensors(out).items() if k.startswith("model.")})
+    final = form.published_model()
     samples = sum(load_dataset(dataset, 0.5)[:2], [])
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
     fg = torch.from_numpy(np.stack([s.labels > 0 for s in samples])[:, None]).float()

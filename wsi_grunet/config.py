@@ -692,6 +692,10 @@ class TrainConfig:
     )  # start from these weights
     colour_jitter: float = option(0.05, min=0)  # stain (HED) jitter strength
     device: str = option("auto", check=_device_problem, allowed=DEVICE_CHOICES)
+    # encoder levels (from full resolution down) kept as they are: for fine-tuning, their backward pass
+    # is the costliest part of a step
+    freeze_levels: int = option(0, min=0, max=4)
+    freeze_attention: bool = False  # GdAM's maps carry no gradient (fine-tuning; its backward is the costliest op)
 
     def __post_init__(self) -> None:
         if self.schedule == "cosine" and self.lr_min > self.lr:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
 from ..config import TrainConfig
@@ -35,6 +36,7 @@ from ..model.checkpoint import checkpoint_stem, load_checkpoint, packaged_weight
 from ..model.cpu_heap import retain_freed_memory
 from ..model.grunet import GRUNet, GRUNetConfig
 from ..model.predictor import available_cores, choose_device, cpu_has_native_bf16
+from ..model.training_form import TrainingGRUNet
 from ..postprocess import PostprocessParams, label_nuclei
 from .augment import brightness_contrast, random_blur, random_dihedral, random_scale_edge, resize_crop, stain_jitter
 from .data import Sample, distance_target, load_dataset
@@ -243,7 +245,7 @@ def augment_colour(images: torch.Tensor, cfg: TrainConfig, generator: torch.Gene
 
 
 @torch.no_grad()
-def predict_probability(model: GRUNet, image: np.ndarray, speed: SpeedSettings) -> np.ndarray:
+def predict_probability(model: nn.Module, image: np.ndarray, speed: SpeedSettings) -> np.ndarray:
     """Foreground probability (H, W) float32 of one whole image (padded with white to a multiple of 16)."""
     h, w = image.shape[:2]
     padded = np.pad(image, ((0, (-h) % 16), (0, (-w) % 16), (0, 0)), constant_values=255)
@@ -266,7 +268,7 @@ def objective_mean(per_image: list[dict[str, Any]], key: str) -> float:
 
 
 def validate(
-    model: GRUNet, samples: list[Sample], speed: SpeedSettings, mpp: float, params: PostprocessParams
+    model: nn.Module, samples: list[Sample], speed: SpeedSettings, mpp: float, params: PostprocessParams
 ) -> dict[str, Any]:
     """AJI of ``label_nuclei`` (with ``params``) and Dice / soft Dice on ``samples`` at model resolution.
 
@@ -311,7 +313,7 @@ def _state_paths(out: Path) -> tuple[Path, Path]:
 
 
 def save_training_state(
-    out: Path, model: GRUNet, optimizer: torch.optim.Optimizer, generator: torch.Generator, info: dict
+    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, info: dict
 ) -> None:
     """Model + optimiser tensors in safetensors, counters in JSON (no pickle); written atomically."""
     tensor_path, json_path = _state_paths(out)
@@ -329,11 +331,19 @@ def save_training_state(
 
 
 def load_training_state(
-    out: Path, model: GRUNet, optimizer: torch.optim.Optimizer, generator: torch.Generator
+    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, form: str
 ) -> dict | None:
+    """Restore a saved state into ``model`` (in the form named ``form``); None when there is none."""
     tensor_path, json_path = _state_paths(out)
     if not (tensor_path.exists() and json_path.exists()):
         return None
+    info = json.loads(json_path.read_text())
+    if info.get("form") != form:
+        raise ConfigError(
+            f"{json_path}: this training state was saved for model form {info.get('form') or 'published layout'!r}, "
+            f"the config trains {form!r} (freeze_levels); continue with the config it was started with "
+            "or train into another folder"
+        )
     tensors = load_file(str(tensor_path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state = optimizer.state_dict()
@@ -345,7 +355,7 @@ def load_training_state(
     optimizer.load_state_dict(state)
     generator.set_state(tensors["rng.sampler"])
     torch.set_rng_state(tensors["rng.torch"])
-    return json.loads(json_path.read_text())
+    return info
 
 
 # --- initial weights ------------------------------------------------------------------------------
@@ -385,6 +395,65 @@ def initial_model(cfg: TrainConfig) -> tuple[GRUNet, dict[str, Any]]:
     }
 
 
+# --- one step -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """What an optimiser step needs: the model in its training form, the optimiser, the batches."""
+
+    model: TrainingGRUNet
+    optimizer: torch.optim.Optimizer
+    sampler: CropSampler
+    generator: torch.Generator
+    speed: SpeedSettings
+    cfg: TrainConfig
+    scaler: torch.amp.GradScaler
+
+    @property
+    def form(self) -> str:
+        """The layout of the saved training state: a state only continues in the same form."""
+        frozen = ", attention frozen" if self.cfg.freeze_attention else ""
+        return f"skips read once, {self.cfg.freeze_levels} frozen levels{frozen}"
+
+    def step(self, lr: float) -> float:
+        """One optimiser step on a fresh augmented batch at learning rate ``lr``; returns the loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, fg, dist = self.sampler.sample(self.cfg.batch_size, self.generator)
+        images = augment_colour(images, self.cfg, self.generator)
+        if self.speed.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.speed.autocast():
+            logits = self.model(images)
+        loss = segmentation_loss(logits, fg, dist, self.cfg.distance_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+
+def start_training_run(cfg: TrainConfig, data: TrainingData) -> tuple[TrainingRun, dict[str, Any]]:
+    """The model (from ``init_weights`` or new), in its training form, with a fresh optimiser and sampler,
+    all seeded by ``cfg.seed``; also what the start was (see ``initial_model``)."""
+    torch.manual_seed(cfg.seed)
+    speed = resolve_speed(cfg)
+    if speed.device.type == "cpu":
+        retain_freed_memory()  # activations and gradients are re-allocated every step: no page faults
+        if speed.threads:
+            torch.set_num_threads(speed.threads)
+    published, init = initial_model(cfg)
+    model = TrainingGRUNet(published.to(speed.device).train(), cfg.freeze_levels, cfg.freeze_attention)
+    if speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = CropSampler(data.train, cfg.crop, speed.device, cfg.aux_distance_head)
+    scaler = torch.amp.GradScaler("cuda", enabled=speed.amp == "fp16" and speed.device.type == "cuda")
+    return TrainingRun(model, optimizer, sampler, generator, speed, cfg, scaler), init
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 
@@ -402,25 +471,18 @@ def train(
     ``until_step`` stops (with the state saved) before ``max_steps`` without changing the schedule, so
     a later call continues the same run exactly."""
     start = time.monotonic()
-    torch.manual_seed(cfg.seed)
-    speed = resolve_speed(cfg)
-    if speed.device.type == "cpu":
-        retain_freed_memory()  # activations and gradients are re-allocated every step: no page faults
-        if speed.threads:
-            torch.set_num_threads(speed.threads)
     data = load_training_data(folders, cfg, labels_dir, mpp)
     val = data.select or data.train[:1]
-    model, init = initial_model(cfg)
-    model = model.to(speed.device).train()
-    if speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    run, init = start_training_run(cfg, data)
+    model, optimizer, generator, speed = run.model, run.optimizer, run.generator, run.speed
     params = PostprocessParams.from_dict(init["postprocess"]) if init["postprocess"] else PostprocessParams()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = CropSampler(data.train, cfg.crop, speed.device, cfg.aux_distance_head)
-    scaler = torch.amp.GradScaler("cuda", enabled=speed.amp == "fp16" and speed.device.type == "cuda")
 
-    info = load_training_state(out, model, optimizer, generator) or {"step": 0, "best": -1.0, "history": []}
+    info = load_training_state(out, model, optimizer, generator, run.form) or {
+        "step": 0,
+        "best": -1.0,
+        "history": [],
+        "form": run.form,
+    }
     if info["step"]:
         log.info("resuming %s from step %d (best %s %.4f)", out, info["step"], cfg.select_by, info["best"])
     metadata: dict[str, Any] = {
@@ -433,6 +495,7 @@ def train(
             "config": asdict(cfg),
             "data": data.sources,
             "speed": speed.to_dict(),
+            "form": run.form,
             "init": {k: v for k, v in init.items() if k != "training"},
             "selection": {"metric": cfg.select_by, "split": "select", "postprocess": params.to_dict()},
         },
@@ -444,7 +507,7 @@ def train(
 
     def checkpoint(scores: dict[str, Any]) -> None:
         metadata["training"].update(step=info["step"], validation={"split": "select", **scores})
-        save_checkpoint(out, model, metadata)
+        save_checkpoint(out, model.published_model(), metadata)
 
     def validate_and_keep(lr: float) -> dict[str, Any]:
         val_start = time.monotonic()
@@ -490,22 +553,9 @@ def train(
             break
         stepped = True
         lr = learning_rate(info["step"], cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         step_start = time.monotonic()
-        images, fg, dist = sampler.sample(cfg.batch_size, generator)
-        images = augment_colour(images, cfg, generator)
-        if speed.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with speed.autocast():
-            logits = model(images)
-        loss = segmentation_loss(logits, fg, dist, cfg.distance_weight)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        value = run.step(lr)
         info["step"] += 1
-        value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
         info["running_loss"] = running
         info["last_step_seconds"] = time.monotonic() - step_start
