@@ -174,21 +174,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_train_config, parse_override
     from .model.checkpoint import checkpoint_paths
-    from .train.loop import train
+    from .train.loop import read_run_arguments, train
 
-    cfg = load_train_config(args.config, [parse_override(text) for text in args.set or []])
-    info = train(
-        [Path(d) for d in args.data],
-        Path(args.out),
-        cfg,
-        labels_dir=args.labels_dir,
-        mpp=args.data_mpp,
-        progress=not args.quiet,
-    )
+    if args.resume:
+        given = [f"--{name}" for name in ("data", "out", "config", "set") if getattr(args, name)]
+        if given:
+            raise ConfigError(f"--resume continues a run with its own arguments; leave out {', '.join(given)}")
+        out = Path(args.resume)
+        arguments = read_run_arguments(out)
+        cfg = load_train_config(None, [arguments["config"]])
+        folders, labels_dir, data_mpp = [Path(d) for d in arguments["data"]], arguments["labels_dir"], arguments["mpp"]
+    else:
+        if not args.data or not args.out:
+            raise ConfigError("train needs --data and --out (or --resume OUT to continue a run)")
+        out = Path(args.out)
+        cfg = load_train_config(args.config, [parse_override(text) for text in args.set or []])
+        folders, labels_dir, data_mpp = [Path(d) for d in args.data], args.labels_dir, args.data_mpp
+    info = train(folders, out, cfg, labels_dir=labels_dir, mpp=data_mpp, progress=not args.quiet)
     print(
         f"trained {info['step']} steps in {info['minutes']:.1f} min; best validation {cfg.select_by} "
-        f"{info['best']:.4f} (select images); "
-        f"checkpoint {checkpoint_paths(args.out)[0]}"
+        f"{info['best']:.4f} at step {info.get('best_step')} ({cfg.validation_split} validation images); "
+        f"checkpoint {checkpoint_paths(out)[0]}"
     )
     return EXIT_OK
 
@@ -332,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         "score on the select validation images (select_by: AJI by default; the starting weights compete "
         "too); the resumable state is saved beside it, so rerunning with the same --out continues the run.",
     )
-    tr.add_argument("--data", nargs="+", required=True, help="dataset folders")
-    tr.add_argument("--out", required=True, help="checkpoint path (writes .safetensors and .json)")
+    tr.add_argument("--data", nargs="+", help="dataset folders")
+    tr.add_argument("--out", help="checkpoint path (writes .safetensors and .json)")
+    tr.add_argument("--resume", metavar="OUT", help="continue the run at OUT with the arguments it was started with")
     tr.add_argument("--config", help="YAML training config (see configs/train.yaml)")
     tr.add_argument("--labels-dir", help="name of the label folder inside each dataset folder")
     tr.add_argument("--mpp", dest="data_mpp", type=float, help="microns per pixel of the training images")

@@ -678,7 +678,12 @@ class TrainConfig:
     max_steps: int = option(20000, min=1)
     max_minutes: float | None = option(None, gt=0)  # stop after this wall time (the best checkpoint is kept)
     val_every: int = option(250, min=1)  # steps between validations
-    select_by: Literal["aji", "dice", "soft_dice"] = "aji"  # validation metric that picks the kept checkpoint
+    # validation score that picks the kept checkpoint: a metric's mean, or worst_gain, the smallest gain
+    # over the starting weights among the datasets (AJI, Dice where labels merge touching nuclei)
+    select_by: Literal["aji", "dice", "soft_dice", "worst_gain"] = "aji"
+    validation_split: Literal["select", "all"] = "select"  # validation images scored during training
+    validation_threshold: float | None = option(None, gt=0, lt=1)  # None: the starting weights' threshold
+    keep_candidates: bool = False  # also write every validated step's weights to <out>.candidates/
     seed: int = option(0, min=0)
     base_filters: int = option(32, min=1)
     attention_width: int = option(256, min=1)

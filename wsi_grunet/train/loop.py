@@ -12,6 +12,7 @@ score, history); a rerun with the same ``--out`` continues from there, exactly w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -288,13 +289,14 @@ def validate(
                 "aji": float(metrics["aji"]),
                 "dice": float(metrics["dice"]),
                 "soft_dice": float(metrics["soft_dice"]),
+                "pq": float(metrics["pq"]),
             }
         )
     model.train(was_training)
     datasets: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(m["dataset"] for m in per_image):
         rows = [m for m in per_image if m["dataset"] == name]
-        datasets[name] = {k: float(np.mean([m[k] for m in rows])) for k in ("aji", "dice", "soft_dice")}
+        datasets[name] = {k: float(np.mean([m[k] for m in rows])) for k in ("aji", "dice", "soft_dice", "pq")}
     return {
         "aji": objective_mean(per_image, "aji"),
         "dice": objective_mean(per_image, "dice"),
@@ -304,12 +306,69 @@ def validate(
     }
 
 
+def dataset_primary(name: str, scores: dict[str, float]) -> float:
+    """The score a dataset is judged by: AJI, or Dice where its labels merge touching nuclei."""
+    return scores["dice"] if name in INSTANCE_OBJECTIVE_EXCLUDES else scores["aji"]
+
+
+def worst_gain(datasets: dict[str, dict[str, float]], start: dict[str, dict[str, float]]) -> float:
+    """The smallest gain over ``start`` among the datasets, each by its primary score."""
+    return min(dataset_primary(name, scores) - dataset_primary(name, start[name]) for name, scores in datasets.items())
+
+
+def selection_score(scores: dict[str, Any], start: dict[str, Any] | None, select_by: str) -> float:
+    """What picks the kept checkpoint: a metric's mean, or the worst gain over the starting scores."""
+    if select_by == "worst_gain":
+        return worst_gain(scores["datasets"], (start or scores)["datasets"])
+    return float(scores[select_by])
+
+
 # --- state ----------------------------------------------------------------------------------------
 
 
 def _state_paths(out: Path) -> tuple[Path, Path]:
     stem = checkpoint_stem(out)
     return stem.with_name(stem.name + ".state.safetensors"), stem.with_name(stem.name + ".state.json")
+
+
+def candidates_dir(out: Path) -> Path:
+    """Where ``keep_candidates`` writes each validated step's weights."""
+    stem = checkpoint_stem(out)
+    return stem.with_name(stem.name + ".candidates")
+
+
+def run_arguments_path(out: Path) -> Path:
+    stem = checkpoint_stem(out)
+    return stem.with_name(stem.name + ".run.json")
+
+
+def write_run_arguments(
+    out: Path, folders: list[Path], cfg: TrainConfig, labels_dir: str | None, mpp: float | None
+) -> None:
+    """What ``train --resume OUT`` needs to continue the run: data, label folder, pixel size, config."""
+    path = run_arguments_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arguments = {
+        "data": [str(Path(f).resolve()) for f in folders],
+        "labels_dir": labels_dir,
+        "mpp": mpp,
+        "config": asdict(cfg),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(arguments, indent=2))
+    os.replace(tmp, path)
+
+
+def read_run_arguments(out: Path) -> dict[str, Any]:
+    """The arguments a run at ``out`` was started with (see ``write_run_arguments``)."""
+    path = run_arguments_path(out)
+    try:
+        arguments = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {out}: no run was started there ({path} is missing)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the run's arguments ({exc})") from None
+    return arguments
 
 
 def save_training_state(
@@ -472,14 +531,17 @@ def train(
     a later call continues the same run exactly."""
     start = time.monotonic()
     data = load_training_data(folders, cfg, labels_dir, mpp)
-    val = data.select or data.train[:1]
+    val = (data.val if cfg.validation_split == "all" else data.select) or data.train[:1]
     run, init = start_training_run(cfg, data)
     model, optimizer, generator, speed = run.model, run.optimizer, run.generator, run.speed
     params = PostprocessParams.from_dict(init["postprocess"]) if init["postprocess"] else PostprocessParams()
+    if cfg.validation_threshold is not None:
+        params = dataclasses.replace(params, threshold=cfg.validation_threshold)
+    write_run_arguments(out, folders, cfg, labels_dir, mpp)
 
     info = load_training_state(out, model, optimizer, generator, run.form) or {
         "step": 0,
-        "best": -1.0,
+        "best": -math.inf,
         "history": [],
         "form": run.form,
     }
@@ -497,7 +559,7 @@ def train(
             "speed": speed.to_dict(),
             "form": run.form,
             "init": {k: v for k, v in init.items() if k != "training"},
-            "selection": {"metric": cfg.select_by, "split": "select", "postprocess": params.to_dict()},
+            "selection": {"metric": cfg.select_by, "split": cfg.validation_split, "postprocess": params.to_dict()},
         },
     }
     if init.get("training"):
@@ -505,9 +567,9 @@ def train(
             k: init["training"].get(k) for k in ("step", "config") if isinstance(init["training"], dict)
         }
 
-    def checkpoint(scores: dict[str, Any]) -> None:
-        metadata["training"].update(step=info["step"], validation={"split": "select", **scores})
-        save_checkpoint(out, model.published_model(), metadata)
+    def checkpoint(scores: dict[str, Any], where: Path = out) -> None:
+        metadata["training"].update(step=info["step"], validation={"split": cfg.validation_split, **scores})
+        save_checkpoint(where, model.published_model(), metadata)
 
     def validate_and_keep(lr: float) -> dict[str, Any]:
         val_start = time.monotonic()
@@ -532,8 +594,13 @@ def train(
             scores["dice"],
             scores["soft_dice"],
         )
-        if scores[cfg.select_by] > info["best"]:
-            info["best"] = scores[cfg.select_by]
+        start_scores = info["history"][0] if info["history"] else None
+        score = info["history"][-1]["selection_score"] = selection_score(scores, start_scores, cfg.select_by)
+        if cfg.keep_candidates:
+            checkpoint(scores, candidates_dir(out) / f"step-{info['step']:06d}")
+        if score > info["best"]:
+            info["best"] = score
+            info["best_step"] = info["step"]
             checkpoint(scores)
         save_training_state(out, model, optimizer, generator, info)
         return scores
@@ -562,13 +629,16 @@ def train(
         bar.update(1)
         if info["step"] % cfg.val_every == 0 or info["step"] == cfg.max_steps:
             scores = validate_and_keep(lr)
-            bar.set_postfix(loss=f"{running:.3f}", **{f"val_{cfg.select_by}": f"{scores[cfg.select_by]:.3f}"})
+            bar.set_postfix(
+                loss=f"{running:.3f}", **{f"val_{cfg.select_by}": f"{info['history'][-1]['selection_score']:.3f}"}
+            )
     bar.close()
     if stepped and (not info["history"] or info["history"][-1]["step"] != info["step"]):
         save_training_state(out, model, optimizer, generator, info)  # stopped between validations
-    if info["best"] < 0:  # stopped before the first validation: keep what there is
+    if "best_step" not in info:  # stopped before the first validation: keep what there is
         scores = validate(model, val, speed, cfg.mpp, params)
-        info["best"] = scores[cfg.select_by]
+        info["best"] = selection_score(scores, None, cfg.select_by)
+        info["best_step"] = info["step"]
         checkpoint(scores)
         save_training_state(out, model, optimizer, generator, info)
     info["minutes"] = (time.monotonic() - start) / 60
