@@ -4,7 +4,11 @@ and post-processing tuning."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from wsi_grunet.config import TrainConfig
+from wsi_grunet.config import TrainConfig, load_train_config, parse_override
 from wsi_grunet.errors import ConfigError
 from wsi_grunet.evaluate.metrics import aji
 from wsi_grunet.model.checkpoint import load_checkpoint
@@ -30,7 +34,7 @@ from wsi_grunet.train.augment import (
     stain_jitter,
 )
 from wsi_grunet.train.data import dataset_spec, known_datasets, load_dataset
-from wsi_grunet.train.loop import learning_rate, resolve_speed, segmentation_loss, train, validate
+from wsi_grunet.train.loop import learning_rate, resolve_speed, segmentation_loss, selection_score, train, validate
 from wsi_grunet.train.tune import ValidationItem, default_grid, tune_postprocess, tune_threshold_then_instances
 
 PINK = (235, 170, 205)
@@ -614,3 +618,93 @@ def test_blur_and_brightness_contrast_stay_in_range_and_are_seeded():
     bc = brightness_contrast(images, torch.Generator().manual_seed(2), contrast=0.5, brightness=0.2)
     assert float(bc.min()) >= 0 and float(bc.max()) <= 1 and not torch.equal(bc, images)
     assert torch.equal(bc, brightness_contrast(images, torch.Generator().manual_seed(2), contrast=0.5, brightness=0.2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training lane: a background run killed at any moment continues where its state was saved
+
+
+def _train_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "wsi_grunet.cli", "train", "--quiet", *args]
+
+
+def test_lane_killed_then_resumed_equals_an_uninterrupted_run(dataset, tmp_path):
+    settings = [
+        "base_filters=4",
+        "attention_width=8",
+        "crop=64",
+        "batch_size=4",
+        "lr=1e-3",
+        "val_every=4",
+        "max_steps=12",
+        "schedule=cosine",
+        "lr_min=1e-5",
+        "warmup_steps=2",
+        "device=cpu",
+        "amp=fp32",
+        "channels_last=false",
+        "threads=1",
+        "validation_split=all",
+        "select_by=worst_gain",
+        "keep_candidates=true",
+        "freeze_levels=1",
+        "freeze_attention=true",
+    ]
+    killed, straight = tmp_path / "killed" / "m", tmp_path / "straight" / "m"
+    process = subprocess.Popen(_train_command("--data", str(dataset), "--out", str(killed), "--set", *settings))
+    state = killed.with_name("m.state.json")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 4:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.kill()  # SIGKILL: no chance to save anything more
+    process.wait()
+    saved_step = json.loads(state.read_text())["step"]
+    assert 4 <= saved_step < 12
+    resumed = subprocess.run(_train_command("--resume", str(killed)), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "best validation worst_gain" in resumed.stdout
+    cfg = load_train_config(None, [parse_override(text) for text in settings])
+    uninterrupted = train([dataset], straight, cfg, progress=False)
+    info = json.loads(state.read_text())
+    assert info["step"] == uninterrupted["step"] == 12
+    keys = ("step", "loss", "lr", "aji", "dice", "soft_dice", "selection_score")
+    assert [{k: h[k] for k in keys} for h in info["history"]] == [
+        {k: h[k] for k in keys} for h in uninterrupted["history"]
+    ]
+    resumed_tensors, straight_tensors = state_tensors(killed), state_tensors(straight)
+    assert resumed_tensors.keys() == straight_tensors.keys()
+    for name in resumed_tensors:
+        assert torch.equal(resumed_tensors[name], straight_tensors[name]), name
+    # every validated step is a candidate (a random start is not validated at step 0), in the published
+    # layout (loads as a GRU-Net checkpoint)
+    candidates = sorted(p.name for p in killed.with_name("m.candidates").glob("*.safetensors"))
+    assert candidates == [
+        "step-000004.safetensors",
+        "step-000008.safetensors",
+        "step-000012.safetensors",
+    ]
+    assert load_checkpoint(killed.with_name("m.candidates") / "step-000008").model.config.base_filters == 4
+
+
+def test_resume_refuses_a_folder_without_a_run_and_extra_arguments(dataset, tmp_path):
+    missing = subprocess.run(_train_command("--resume", str(tmp_path / "none")), capture_output=True, text=True)
+    assert missing.returncode == 2 and "no run was started there" in missing.stderr
+    both = subprocess.run(
+        _train_command("--resume", str(tmp_path / "none"), "--data", str(dataset)), capture_output=True, text=True
+    )
+    assert both.returncode == 2 and "leave out --data" in both.stderr
+    neither = subprocess.run(_train_command(), capture_output=True, text=True)
+    assert neither.returncode == 2 and "--resume" in neither.stderr
+
+
+def test_worst_gain_selects_the_candidate_best_in_its_worst_dataset():
+    start = {"datasets": {"a": {"aji": 0.5, "dice": 0.8}, "tnbc": {"aji": 0.4, "dice": 0.7}}}
+    # a: big win on one dataset, loss on the other; b: small wins on both
+    a = {"datasets": {"a": {"aji": 0.6, "dice": 0.8}, "tnbc": {"aji": 0.5, "dice": 0.69}}}
+    b = {"datasets": {"a": {"aji": 0.52, "dice": 0.8}, "tnbc": {"aji": 0.3, "dice": 0.71}}}
+    assert selection_score(a, start, "worst_gain") == pytest.approx(-0.01)  # TNBC judged by Dice
+    assert selection_score(b, start, "worst_gain") == pytest.approx(0.01)
+    assert selection_score(start, None, "worst_gain") == 0.0
