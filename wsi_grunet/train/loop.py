@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..evaluate.metrics import pair_counts
+from ..evaluate.protocol import primary_metric
 from ..model.checkpoint import checkpoint_stem, load_checkpoint, packaged_weights, save_checkpoint
 from ..model.cpu_heap import retain_freed_memory
 from ..model.grunet import GRUNet, GRUNetConfig
@@ -306,14 +307,9 @@ def validate(
     }
 
 
-def dataset_primary(name: str, scores: dict[str, float]) -> float:
-    """The score a dataset is judged by: AJI, or Dice where its labels merge touching nuclei."""
-    return scores["dice"] if name in INSTANCE_OBJECTIVE_EXCLUDES else scores["aji"]
-
-
 def worst_gain(datasets: dict[str, dict[str, float]], start: dict[str, dict[str, float]]) -> float:
-    """The smallest gain over ``start`` among the datasets, each by its primary score."""
-    return min(dataset_primary(name, scores) - dataset_primary(name, start[name]) for name, scores in datasets.items())
+    """The smallest gain over ``start`` among the datasets, each by its primary score (the protocol's)."""
+    return min(scores[primary_metric(name)] - start[name][primary_metric(name)] for name, scores in datasets.items())
 
 
 def selection_score(scores: dict[str, Any], start: dict[str, Any] | None, select_by: str) -> float:

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 
 from ..evaluate.metrics import pair_counts
+from ..evaluate.protocol import MERGED_LABEL_DATASETS
 from ..postprocess import PostprocessParams, label_nuclei
 
 # Datasets whose labels merge touching nuclei (TNBC) would reward under-segmentation: they are
 # reported but do not steer the instance parameters.
-INSTANCE_OBJECTIVE_EXCLUDES = ("tnbc",)
+INSTANCE_OBJECTIVE_EXCLUDES = MERGED_LABEL_DATASETS
 
 
 # Foreground thresholds tried by ``tune_threshold_then_instances``.
