@@ -210,6 +210,25 @@ def make_slurm_cluster(cfg: RunConfig) -> Any:
     return cluster
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def make_local_cluster(cfg: RunConfig) -> LocalCluster:
+    """Worker processes on this machine; the scheduler, its dashboard and the workers listen on loopback.
+
+    Task names carry slide file names, often patient identifiers, and the dashboard also shows worker
+    logs and call stacks: nobody else on the network should reach them. To watch a run from another
+    machine, forward the dashboard's port over SSH (``ssh -L``).
+    """
+    return LocalCluster(
+        n_workers=cfg.cluster.workers,
+        threads_per_worker=cfg.cluster.threads_per_worker,
+        processes=True,
+        host=LOOPBACK,  # scheduler, nannies and workers
+        dashboard_address=f"{LOOPBACK}:0",  # the dashboard binds on its own, to every interface unless told
+    )
+
+
 class _Interrupted:
     """SIGTERM -> ``SystemExit(143)``, SIGINT -> ``KeyboardInterrupt`` while the client is open (main
     thread only: Python delivers signals there); the previous handlers come back afterwards."""
@@ -255,12 +274,7 @@ def open_client(cfg: RunConfig) -> Iterator[Client]:
                 if cfg.slurm.gpus_per_job > 1:
                     client.register_plugin(PinGpu(cfg.slurm.gpus_per_job))
             else:
-                cluster = LocalCluster(
-                    n_workers=cfg.cluster.workers,
-                    threads_per_worker=cfg.cluster.threads_per_worker,
-                    processes=True,
-                    dashboard_address=":0",
-                )
+                cluster = make_local_cluster(cfg)
                 client = Client(cluster)
             yield client
         finally:
