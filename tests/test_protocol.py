@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_grunet.evaluate.protocol import bootstrap_interval, format_verdict, preferred, verdict
+from wsi_grunet.evaluate.protocol import bootstrap_interval, cross_check, format_verdict, preferred, verdict
 
 SIZES = {"monuseg": 6, "tnbc": 10, "cpm15": 4}
 LEVELS = {"monuseg": 0.55, "tnbc": 0.50, "cpm15": 0.70}  # the default's typical AJI per dataset
@@ -95,3 +95,29 @@ def test_images_must_be_the_same_for_both():
     partial = dict(list(DEFAULT.items())[:-1])
     with pytest.raises(ValueError, match="different images"):
         verdict(DEFAULT, partial)
+
+
+def _halves(rows: dict[str, dict[str, object]]) -> dict[str, str]:
+    return {image: ("select" if int(image.split("/")[1]) % 2 == 0 else "report") for image in rows}
+
+
+def test_a_value_best_on_both_halves_is_taken():
+    per_value = {0.5: DEFAULT, 0.4: scores({"monuseg": 0.02, "tnbc": 0.02, "cpm15": 0.02})}
+    check = cross_check("threshold", 0.5, per_value, _halves(DEFAULT))
+    assert check.chosen == 0.4 and check.best == {"select": 0.4, "report": 0.4}
+
+
+def test_a_value_whose_best_differs_between_the_halves_keeps_the_principled_value():
+    better_on_even = {
+        image: {**row, "aji": float(row["aji"]) + (0.05 if int(image.split("/")[1]) % 2 == 0 else -0.05)}  # type: ignore[arg-type]
+        for image, row in DEFAULT.items()
+    }
+    better_on_odd = {
+        image: {**row, "aji": float(row["aji"]) + (-0.05 if int(image.split("/")[1]) % 2 == 0 else 0.05)}  # type: ignore[arg-type]
+        for image, row in DEFAULT.items()
+    }
+    check = cross_check("threshold", 0.5, {0.5: DEFAULT, 0.3: better_on_even, 0.4: better_on_odd}, _halves(DEFAULT))
+    assert check.best == {"select": 0.3, "report": 0.4}
+    assert check.chosen == 0.5 and "differs between the halves" in check.reason
+    with pytest.raises(ValueError):
+        cross_check("threshold", 0.6, {0.5: DEFAULT}, _halves(DEFAULT))

@@ -678,6 +678,8 @@ def test_lane_killed_then_resumed_equals_an_uninterrupted_run(dataset, tmp_path)
     assert resumed_tensors.keys() == straight_tensors.keys()
     for name in resumed_tensors:
         assert torch.equal(resumed_tensors[name], straight_tensors[name]), name
+    progress = json.loads(killed.with_name("m.progress.json").read_text())  # for a run in the background
+    assert progress["step"] == 10 and progress["max_steps"] == 12 and progress["last_step_seconds"] > 0
     # every validated step is a candidate (a random start is not validated at step 0), in the published
     # layout (loads as a GRU-Net checkpoint)
     candidates = sorted(p.name for p in killed.with_name("m.candidates").glob("*.safetensors"))

@@ -181,3 +181,50 @@ def verdict_to_dict(result: Verdict) -> dict[str, object]:
             for d in result.datasets
         },
     }
+
+
+@dataclass(frozen=True)
+class CrossCheck:
+    """A post-processing value chosen on each half of the images and checked on the other."""
+
+    parameter: str
+    principled: float
+    best: dict[str, float]  # half -> the value with the highest mean-over-datasets primary score there
+    scores: dict[str, dict[float, float]]  # half -> value -> that score
+    chosen: float
+    reason: str
+
+
+def primary_mean(per_image: PerImage, images: Sequence[str]) -> float:
+    """Mean over datasets of each dataset's mean primary score on ``images``."""
+    by_dataset: dict[str, list[float]] = {}
+    for image in images:
+        row = per_image[image]
+        dataset = str(row["dataset"])
+        by_dataset.setdefault(dataset, []).append(float(row[primary_metric(dataset)]))  # type: ignore[arg-type]
+    return float(np.mean([np.mean(values) for values in by_dataset.values()]))
+
+
+def cross_check(
+    parameter: str, principled: float, per_value: Mapping[float, PerImage], halves: Mapping[str, str]
+) -> CrossCheck:
+    """Tune ``parameter`` only where the evidence is consistent: the value best on each half (of
+    ``halves``: image -> half name) must be the same, and beat the principled value on the other half;
+    otherwise the principled value stands."""
+    names = sorted(set(halves.values()))
+    if len(names) != 2 or principled not in per_value:
+        raise ValueError("cross_check needs two halves and the principled value among the values tried")
+    scores = {
+        h: {v: primary_mean(s, [i for i, half in halves.items() if half == h]) for v, s in per_value.items()}
+        for h in names
+    }
+    best = {h: max(scores[h], key=lambda v: scores[h][v]) for h in names}
+    a, b = names
+    if best[a] != best[b]:
+        reason = f"best {parameter} differs between the halves ({a}: {best[a]:g}, {b}: {best[b]:g})"
+        return CrossCheck(parameter, principled, best, scores, principled, reason)
+    value = best[a]
+    if value != principled and not all(scores[h][value] > scores[h][principled] for h in names):
+        reason = f"{parameter} {value:g} does not beat {principled:g} on both halves"
+        return CrossCheck(parameter, principled, best, scores, principled, reason)
+    return CrossCheck(parameter, principled, best, scores, value, f"{parameter} {value:g} is best on both halves")

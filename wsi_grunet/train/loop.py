@@ -367,6 +367,32 @@ def read_run_arguments(out: Path) -> dict[str, Any]:
     return arguments
 
 
+PROGRESS_EVERY = 10  # steps between updates of <out>.progress.json (a run in the background has no bar)
+
+
+def progress_path(out: Path) -> Path:
+    stem = checkpoint_stem(out)
+    return stem.with_name(stem.name + ".progress.json")
+
+
+def write_progress(out: Path, info: dict[str, Any], lr: float, max_steps: int) -> None:
+    """Where a run stands between validations: step, loss, rate, time per step, best so far."""
+    path = progress_path(out)
+    record = {
+        "step": info["step"],
+        "max_steps": max_steps,
+        "running_loss": info.get("running_loss"),
+        "lr": lr,
+        "last_step_seconds": info.get("last_step_seconds"),
+        "best": info.get("best"),
+        "best_step": info.get("best_step"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
 def save_training_state(
     out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, info: dict
 ) -> None:
@@ -623,6 +649,8 @@ def train(
         info["running_loss"] = running
         info["last_step_seconds"] = time.monotonic() - step_start
         bar.update(1)
+        if info["step"] % PROGRESS_EVERY == 0:
+            write_progress(out, info, lr, cfg.max_steps)
         if info["step"] % cfg.val_every == 0 or info["step"] == cfg.max_steps:
             scores = validate_and_keep(lr)
             bar.set_postfix(
