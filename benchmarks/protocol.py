@@ -10,9 +10,14 @@ dataset or the mean of datasets wins; among adoptable candidates the best in the
 A candidate is ``WEIGHTS`` (a checkpoint path or ``packaged``) with optional post-processing
 overrides after ``@``: ``packaged@threshold=0.5,relief_levels=1`` or ``lane/candidate@threshold=0.5``.
 
+``--cross-check PARAM=V1,V2,... --principled V`` tunes one post-processing value of the first candidate
+the protocol's way: the value best on each half of the images (select / report, configs/datasets.yaml)
+must agree and beat the principled value on both halves, or the principled value stands.
+
 Usage:
   python benchmarks/protocol.py --data DIR... --candidate SPEC [--candidate SPEC ...]
       [--default packaged] [--tta flips] [--out RESULT.json]
+  python benchmarks/protocol.py --data DIR... --candidate SPEC --cross-check threshold=0.3,0.4,0.5 --principled 0.5
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from train_cpu import cpu_description  # noqa: E402
 
 from wsi_grunet.config import load_train_config  # noqa: E402
 from wsi_grunet.evaluate.metrics import pair_counts  # noqa: E402
-from wsi_grunet.evaluate.protocol import format_verdict, preferred, verdict, verdict_to_dict  # noqa: E402
+from wsi_grunet.evaluate.protocol import cross_check, format_verdict, preferred, verdict, verdict_to_dict  # noqa: E402
 from wsi_grunet.model.checkpoint import load_checkpoint  # noqa: E402
 from wsi_grunet.postprocess import PostprocessParams, label_nuclei  # noqa: E402
 from wsi_grunet.train.loop import load_training_data  # noqa: E402
@@ -71,6 +76,34 @@ def score(args: argparse.Namespace, spec: str, samples: list) -> dict[str, Any]:
     }
 
 
+def run_cross_check(args: argparse.Namespace, samples: list) -> None:
+    parameter, _, values_text = args.cross_check.partition("=")
+    values = [float(v) for v in values_text.split(",")]
+    if args.principled is None or args.principled not in values:
+        raise SystemExit("--cross-check needs --principled V with V among the values tried")
+    base = args.candidate[0]
+    joiner = "," if "@" in base else "@"
+    per_value = {v: score(args, f"{base}{joiner}{parameter}={v}", samples)["images"] for v in values}
+    halves = {f"{s.dataset}/{s.name}": s.split for s in samples}
+    check = cross_check(parameter, args.principled, per_value, halves)
+    for half, by_value in check.scores.items():
+        print(f"{half:8s} " + "  ".join(f"{parameter} {v:g}: {score:.4f}" for v, score in by_value.items()))
+    print(f"chosen {parameter} {check.chosen:g}: {check.reason}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "machine": cpu_description(),
+            "candidate": base,
+            "parameter": parameter,
+            "principled": args.principled,
+            "scores": {h: {str(v): x for v, x in d.items()} for h, d in check.scores.items()},
+            "best": check.best,
+            "chosen": check.chosen,
+            "reason": check.reason,
+        }
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="dataset folders (names as in configs/datasets.yaml)")
@@ -79,11 +112,16 @@ def main() -> None:
     parser.add_argument("--tta", default="flips", help="TTA of the predictor (none, flips, rot4, dihedral)")
     parser.add_argument("--cache", default=".scratch/eval_maps", help="probability maps per weights and TTA")
     parser.add_argument("--out", help="write every per-image score and verdict as JSON here")
+    parser.add_argument("--cross-check", metavar="PARAM=V1,V2,...", help="tune one value on both halves")
+    parser.add_argument("--principled", type=float, help="the value --cross-check falls back to")
     args = parser.parse_args()
     args.protocol = f"input+{args.tta}"
     default_bundle = load_checkpoint(weights_path(parse_spec(args.default)[0]))
     data = load_training_data([Path(d) for d in args.data], load_train_config(None, [{"mpp": default_bundle.mpp}]))
     samples = data.val  # every validation image: select and report alike
+    if args.cross_check:
+        run_cross_check(args, samples)
+        return
     default = score(args, args.default, samples)
     results, verdicts = {}, {}
     for spec in args.candidate:

@@ -208,9 +208,10 @@ def primary_mean(per_image: PerImage, images: Sequence[str]) -> float:
 def cross_check(
     parameter: str, principled: float, per_value: Mapping[float, PerImage], halves: Mapping[str, str]
 ) -> CrossCheck:
-    """Tune ``parameter`` only where the evidence is consistent: the value best on each half (of
-    ``halves``: image -> half name) must be the same, and beat the principled value on the other half;
-    otherwise the principled value stands."""
+    """Tune ``parameter`` only where the evidence is consistent, by choosing on one half of the images
+    (``halves``: image -> half name) and checking on the other, both ways round: the value best on
+    each half must beat the principled value on the other half. If it does, the value whose worse
+    half scores highest is taken (one value for both halves); if not, the principled value stands."""
     names = sorted(set(halves.values()))
     if len(names) != 2 or principled not in per_value:
         raise ValueError("cross_check needs two halves and the principled value among the values tried")
@@ -219,12 +220,17 @@ def cross_check(
         for h in names
     }
     best = {h: max(scores[h], key=lambda v: scores[h][v]) for h in names}
-    a, b = names
-    if best[a] != best[b]:
-        reason = f"best {parameter} differs between the halves ({a}: {best[a]:g}, {b}: {best[b]:g})"
-        return CrossCheck(parameter, principled, best, scores, principled, reason)
-    value = best[a]
-    if value != principled and not all(scores[h][value] > scores[h][principled] for h in names):
-        reason = f"{parameter} {value:g} does not beat {principled:g} on both halves"
-        return CrossCheck(parameter, principled, best, scores, principled, reason)
-    return CrossCheck(parameter, principled, best, scores, value, f"{parameter} {value:g} is best on both halves")
+    for chosen_on, checked_on in (names, names[::-1]):
+        value = best[chosen_on]
+        if value != principled and scores[checked_on][value] <= scores[checked_on][principled]:
+            reason = (
+                f"{parameter} {value:g}, best on {chosen_on}, does not beat {principled:g} on {checked_on}: "
+                f"the principled value stands"
+            )
+            return CrossCheck(parameter, principled, best, scores, principled, reason)
+    chosen = max(per_value, key=lambda v: min(scores[h][v] - scores[h][principled] for h in names))
+    reason = (
+        f"chosen on either half, {parameter} beats {principled:g} on the other "
+        f"(best: {', '.join(f'{h} {best[h]:g}' for h in names)}); {chosen:g} gains most in its worse half"
+    )
+    return CrossCheck(parameter, principled, best, scores, chosen, reason)
