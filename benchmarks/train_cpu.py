@@ -13,6 +13,10 @@ Prints one JSON object: the machine and its CPU flags, each form's step times an
 validation pass over the select images, and how many steps of the fastest form fit in ``--minutes``
 with a validation every ``--val-every`` steps.
 
+With ``--learn``, whether the forms learn alike: after the timed rounds every form keeps stepping (the
+same batches, in turn) to ``--rounds`` steps in all, and its losses and a validation of all held-out
+images per dataset are reported side by side.
+
 Usage: python benchmarks/train_cpu.py --data DIR... [--forms published,form,freeze1+attention] [--batch 8]
        [--crop 256] [--rounds 4] [--minutes 30] [--val-every 250] [--set KEY=VALUE ...] [--out JSON]
 """
@@ -82,6 +86,8 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--learn", action="store_true", help="also validate every form after its steps")
+    parser.add_argument("--time-rounds", type=int, help="rounds timed (default: all of --rounds)")
     args = parser.parse_args()
     overrides = [{"batch_size": args.batch, "crop": args.crop, "init_weights": "packaged"}]
     cfg = load_train_config(None, overrides + [parse_override(text) for text in args.set])
@@ -92,11 +98,13 @@ def main() -> None:
         run, init = start_training_run(cfg, data)  # each form: the same weights, seed and batches
         runs[form] = run_in_form(run, form)
     times: dict[str, list[float]] = {form: [] for form in forms}
+    losses: dict[str, list[float]] = {form: [] for form in forms}
+    timed = args.time_rounds or args.rounds
     for round_ in range(args.rounds + 1):
         for form in forms:
             start = time.monotonic()
-            runs[form].step(cfg.lr)
-            if round_:  # the first step includes oneDNN's kernel selection
+            losses[form].append(runs[form].step(cfg.lr))
+            if 0 < round_ <= timed:  # the first step includes oneDNN's kernel selection
                 times[form].append(time.monotonic() - start)
     medians = {form: sorted(t)[len(t) // 2] for form, t in times.items()}
     fastest = min(medians, key=lambda form: medians[form])
@@ -105,6 +113,19 @@ def main() -> None:
     scores = validate(runs[fastest].model, data.select, runs[fastest].speed, cfg.mpp, params)
     val_seconds = time.monotonic() - start
     per_block = medians[fastest] * args.val_every + val_seconds
+    learned = None
+    if args.learn:
+        learned = {
+            form: {
+                "losses": losses[form],
+                "validation": {
+                    k: v
+                    for k, v in validate(runs[form].model, data.val, runs[form].speed, cfg.mpp, params).items()
+                    if k in ("aji", "dice", "soft_dice", "datasets")
+                },
+            }
+            for form in forms
+        }
     result = {
         "machine": cpu_description(),
         "torch": torch.__version__,
@@ -123,6 +144,7 @@ def main() -> None:
         "steps_in_budget": int(args.minutes * 60 / per_block * args.val_every),
         "minutes": args.minutes,
         "val_every": args.val_every,
+        "learned": learned,
     }
     text = json.dumps(result, indent=1)
     print(text)
