@@ -104,7 +104,7 @@ def test_schema_defaults_named_by_the_team():
         ("model.batch_size=0", "model.batch_size: 0 is out of range; allowed: an integer >= 1"),
         ("model.batch_size=2.5", "model.batch_size: 2.5 is not an integer"),
         ("model.threads=0", "model.threads: 0 is out of range; allowed: an integer >= 1"),
-        ("slide.mpp=0", "slide.mpp: 0.0 is out of range; allowed: a number > 0"),
+        ("slide.mpp=0", "slide.mpp: 0.0 is outside 0.1-2 um/px, where nuclei can be resolved"),
         ("tiling.halo=10", "tiling.halo: 10 is out of range; allowed: an integer >= 0 and a multiple of 16"),
         ("tissue.enabled=maybe", "tissue.enabled: 'maybe' is not one of true, false"),
         ("postprocess.threshold=1.0", "postprocess.threshold: 1.0 is out of range; allowed: a number >= 0 and < 1"),

@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", required=True, help="output folder")
     common(run)
-    run.add_argument("--mpp", type=float, help="slide microns per pixel (overrides the slide's own value)")
+    run.add_argument("--mpp", type=float, help="slide microns per pixel, 0.1-2 (overrides the slide's own value)")
     run.add_argument("--tile-size", type=int, help="model pixels per tile, halo included (multiple of 16)")
     run.add_argument(
         "--halo",

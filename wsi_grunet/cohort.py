@@ -15,8 +15,17 @@ from pathlib import Path
 
 from distributed import Client
 
-from .cohort_state import SlideLock, ledger_row, remove_stale_folders, slide_fingerprint, try_lock_slide, update_ledger
+from .cohort_state import (
+    LEDGER,
+    SlideLock,
+    ledger_row,
+    remove_stale_folders,
+    slide_fingerprint,
+    try_lock_slide,
+    update_ledger,
+)
 from .config import RunConfig
+from .display import display_text
 from .errors import WsiGrunetError
 from .inference import InferenceBackend, make_backend
 from .model.checkpoint import ModelBundle
@@ -37,12 +46,29 @@ log = logging.getLogger(__name__)
 
 def _failed(slide: Path, name: str, exc: BaseException, started: float) -> SlideResult:
     if isinstance(exc, WsiGrunetError):
-        log.error("%s", exc)
-        error = str(exc)
+        error = display_text(str(exc))
+        log.error("%s", error)
     else:  # an unexpected failure of one slide must not stop the cohort
-        log.error("%s: unexpected error: %s\n%s", slide, exc, traceback.format_exc())
-        error = f"{slide}: unexpected error: {exc!r}"
+        error = f"{display_text(slide)}: unexpected error: {exc!r}"
+        log.error("%s\n%s", error, display_text(traceback.format_exc()))
     return SlideResult(str(slide), "failed", name, error=error, seconds=time.perf_counter() - started)
+
+
+def _unrecorded(result: SlideResult, exc: Exception) -> SlideResult:
+    """The slide's result when it could not be merged into cohort.csv: failed, with the reason on one line."""
+    reason = " ".join((str(exc) or repr(exc)).split())
+    error = f"{result.slide}: its result ({result.status}) could not be recorded in {LEDGER}: {reason}"
+    log.error("%s", display_text(error))
+    return SlideResult(result.slide, "failed", result.name, result.out_dir, error=error, seconds=result.seconds)
+
+
+def _abandon(work: SlideWork, client: Client) -> None:
+    """Stop a failed slide's tasks and remove its folder; a problem doing so is logged, never raised over
+    the slide's own error."""
+    try:
+        abandon_slide(work, client)
+    except Exception as exc:
+        log.error("%s: stopping its tasks after a failure failed too: %r", display_text(work.plan.slide), exc)
 
 
 def run_cohort(
@@ -69,31 +95,72 @@ def run_cohort(
     locks: dict[int, SlideLock] = {}
     fingerprints: dict[int, str | None] = {}
 
+    def record(k: int, result: SlideResult) -> None:
+        row = ledger_row(
+            result.slide,
+            result.name,
+            result.status,
+            nuclei=result.nuclei,
+            tiles=result.tiles,
+            seconds=result.seconds,
+            weights_sha256=bundle.sha256,
+            fingerprint=fingerprints.get(k),
+            error=result.error,
+        )
+        update_ledger(out_root, [row])
+
     def settle(k: int) -> None:
-        """Slide ``k``'s result is final: record it in the ledger, then let other runs have the slide."""
+        """Slide ``k``'s result is final: record it in the ledger, then let other runs have the slide.
+
+        A result that cannot be recorded makes the slide failed (the run summary and the index say
+        why); recording that is tried once, and the run goes on with the next slide either way.
+        """
         result = results[k]
         try:
             if result is not None:
-                update_ledger(
-                    out_root,
-                    [
-                        ledger_row(
-                            result.slide,
-                            result.name,
-                            result.status,
-                            nuclei=result.nuclei,
-                            tiles=result.tiles,
-                            seconds=result.seconds,
-                            weights_sha256=bundle.sha256,
-                            fingerprint=fingerprints.get(k),
-                            error=result.error,
-                        )
-                    ],
-                )
+                try:
+                    record(k, result)
+                except Exception as exc:
+                    results[k] = result = _unrecorded(result, exc)
+                    try:
+                        record(k, result)
+                    except Exception as again:
+                        log.error("%s: its failure is not in %s either: %r", result.slide, LEDGER, again)
         finally:
             lock = locks.pop(k, None)
             if lock is not None:
                 lock.release()
+
+    def start(k: int, entry: SlideEntry) -> SlideWork | None:
+        """Lock slide ``k``, plan it and run its tiles. None when its result is already final (another
+        run holds it, or it is finished): then ``results[k]`` holds it."""
+        lock = try_lock_slide(out_root, entry.name)
+        if lock is None:
+            log.info(
+                "%s: another run is working on %s; left to it",
+                display_text(entry.path),
+                display_text(out_root / entry.name),
+            )
+            results[k] = SlideResult(str(entry.path), "busy", entry.name, str(out_root / entry.name))
+            return None
+        locks[k] = lock
+        try:
+            fingerprints[k] = slide_fingerprint(
+                Path(entry.path), cfg, bundle.sha256, bundle.metadata.get("postprocess")
+            )
+        except OSError:  # an unreadable slide: prepare_slide reports it
+            fingerprints[k] = None
+        remove_stale_folders(out_root / entry.name, lock)  # a killed run's temporary folders
+        prepared = prepare_slide(Path(entry.path), entry.name, out_root, cfg, bundle, fingerprints[k])
+        if isinstance(prepared, SlideResult):
+            results[k] = prepared
+            return None
+        try:
+            infer_slide(prepared, backend, progress)
+        except BaseException:
+            _abandon(prepared, client)
+            raise
+        return prepared
 
     def collect() -> None:
         nonlocal finishing
@@ -104,44 +171,22 @@ def run_cohort(
         try:
             results[k] = future.result()
         except Exception as exc:
-            abandon_slide(work, client)
             results[k] = _failed(entries[k].path, entries[k].name, exc, work.started)
+            _abandon(work, client)
         settle(k)
 
     try:
         for k, entry in enumerate(entries):
             started = time.perf_counter()
-            lock = try_lock_slide(out_root, entry.name)
-            if lock is None:
-                log.info("%s: another run is working on %s; left to it", entry.path, out_root / entry.name)
-                results[k] = SlideResult(str(entry.path), "busy", entry.name, str(out_root / entry.name))
-                settle(k)
-                continue
-            locks[k] = lock
             try:
-                fingerprints[k] = slide_fingerprint(
-                    Path(entry.path), cfg, bundle.sha256, bundle.metadata.get("postprocess")
-                )
-            except OSError:  # an unreadable slide: prepare_slide reports it
-                fingerprints[k] = None
-            remove_stale_folders(out_root / entry.name, lock)  # a killed run's temporary folders
-            try:
-                prepared = prepare_slide(Path(entry.path), entry.name, out_root, cfg, bundle, fingerprints[k])
-                if isinstance(prepared, SlideResult):
-                    results[k] = prepared
-                    settle(k)
-                    continue
-                try:
-                    infer_slide(prepared, backend, progress)
-                except BaseException:
-                    abandon_slide(prepared, client)
-                    raise
-            except Exception as exc:
-                results[k] = _failed(Path(entry.path), entry.name, exc, started)
+                work = start(k, entry)
+            except Exception as exc:  # whatever goes wrong with one slide fails that slide only
+                results[k], work = _failed(Path(entry.path), entry.name, exc, started), None
+            if work is None:
                 settle(k)
                 continue
             collect()  # at most one slide finishing at a time: bounded memory, ordered outputs
-            finishing = (k, prepared, finisher.submit(finish_slide, prepared, client, cfg, bundle, backend))
+            finishing = (k, work, finisher.submit(finish_slide, work, client, cfg, bundle, backend))
         collect()
     finally:
         finisher.shutdown(wait=True)
@@ -162,5 +207,9 @@ def write_run_summary(out_root: Path, bundle: ModelBundle, results: list[SlideRe
         "failed": sum(r.status == "failed" for r in results),
     }
     tmp = out_root / f".run_summary.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out_root / "run_summary.json")
+    try:
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, out_root / "run_summary.json")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

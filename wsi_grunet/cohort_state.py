@@ -279,7 +279,7 @@ def merge_rows(existing: Mapping[str, dict[str, str]], new: Iterable[dict[str, s
 
 def read_ledger(path: Path) -> dict[str, dict[str, str]]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
     rows = {}
@@ -300,11 +300,15 @@ def update_ledger(out_root: Path, rows: Iterable[dict[str, str]]) -> Path:
         for key in sorted(merged):
             writer.writerow(merged[key])
         tmp = out_root / f".{LEDGER}.{os.getpid()}.tmp"
-        with open(tmp, "w", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as handle:
+                handle.write(buffer.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # the ledger keeps its last complete version and no half-written copy stays
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 

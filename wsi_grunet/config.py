@@ -362,9 +362,32 @@ class ModelOptions:
     backend: Literal["driver", "workers"] = "driver"  # model in the driver process, or on GPU-resource workers
 
 
+# Slide pixel sizes (um/px) at which nuclei can be resolved. Coarser than 2 um/px a nucleus (5-15 um
+# across) covers a few pixels and its outline is gone, so upsampling to the model's pixel size yields
+# blobs; finer than 0.1 um/px samples beyond what brightfield optics resolve (about 0.2 um with a 100x
+# oil objective). A value outside is a mistake: a typo, a unit slip (nm or mm taken for um) or a
+# scanner's default field, and running on it gives nonsense (one nucleus the size of the tissue).
+RESOLVABLE_MPP = (0.1, 2.0)
+
+
+def pixel_size_problem(mpp: float) -> str | None:
+    """Why a slide pixel size (um/px) cannot be worked at, or None. The one rule for ``--mpp`` and for
+    the pixel size a slide's metadata gives (``slide.resample.slide_pixel_size``)."""
+    low, high = RESOLVABLE_MPP
+    if low <= mpp <= high:
+        return None
+    return f"is outside {low:g}-{high:g} um/px, where nuclei can be resolved"
+
+
 @dataclass(frozen=True)
 class SlideOptions:
-    mpp: float | None = option(None, gt=0)  # overrides the slide's own microns per pixel
+    # overrides the slide's own microns per pixel (--mpp); it applies to every slide, so a value outside
+    # RESOLVABLE_MPP stops the run before any slide is read
+    mpp: float | None = option(
+        None,
+        check=pixel_size_problem,
+        allowed=f"a slide pixel size (--mpp) from {RESOLVABLE_MPP[0]:g} to {RESOLVABLE_MPP[1]:g} um/px",
+    )
 
 
 # The network's context reaches about 128 model pixels: with that halo a stitched probability equals

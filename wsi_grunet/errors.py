@@ -25,6 +25,10 @@ class MissingMppError(SlideError):
     """The slide has no pixel size and none was given with --mpp."""
 
 
+class PixelSizeError(SlideError):
+    """The slide's pixel size (given with --mpp or read from the file) is one nuclei cannot be found at."""
+
+
 class CheckpointError(WsiGrunetError):
     """A weights file or its metadata is missing, malformed or inconsistent."""
 

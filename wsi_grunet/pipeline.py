@@ -29,6 +29,7 @@ from distributed import Client
 
 from . import __version__
 from .config import RunConfig
+from .display import display_text
 from .errors import OutputError
 from .inference import InferenceBackend, TaskLedger, TileRun
 from .label_image import label_shard_jobs, write_label_shard
@@ -64,6 +65,14 @@ class SlideResult:
     tiles: int = 0
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Every field goes into text outputs (cohort.csv, run_summary.json, index.html, the summary
+        # printed): a file name that is not UTF-8, here or quoted in an error, is kept in its display form.
+        self.slide = display_text(self.slide)
+        self.name = None if self.name is None else display_text(self.name)
+        self.out_dir = None if self.out_dir is None else display_text(self.out_dir)
+        self.error = None if self.error is None else display_text(self.error)
 
 
 @dataclass
@@ -147,12 +156,18 @@ def existing_result(slide: Path, final_dir: Path) -> dict[str, Any] | None:
     if report is None or report.get("status") != "ok":
         return None
     other = report.get("slide", {}).get("path")
-    if other and Path(other) != slide.resolve():
+    if other and not same_slide(other, slide):
         raise OutputError(
-            f"{slide}: its output folder {final_dir} holds the results of another slide ({other}); "
-            "two slides never share an output folder: use another --out or rename one slide"
+            f"{display_text(slide)}: its output folder {display_text(final_dir)} holds the results of another "
+            f"slide ({other}); two slides never share an output folder: use another --out or rename one slide"
         )
     return report
+
+
+def same_slide(recorded: str, slide: Path) -> bool:
+    """Whether a report's ``slide.path`` (the display form of the resolved path; as given, possibly
+    relative, in reports of earlier versions) names ``slide``."""
+    return display_text(Path(recorded).resolve()) == display_text(slide.resolve())
 
 
 def prepare_slide(
@@ -166,7 +181,11 @@ def prepare_slide(
     existing = existing_result(slide, final_dir)
     if existing is not None and not cfg.output.overwrite:
         if fingerprint is None or existing.get("fingerprint") == fingerprint:
-            log.info("%s: finished results exist in %s, skipped (set output.overwrite to redo)", slide, final_dir)
+            log.info(
+                "%s: finished results exist in %s, skipped (set output.overwrite to redo)",
+                display_text(slide),
+                display_text(final_dir),
+            )
             counts = existing.get("counts") or {}
             return SlideResult(
                 str(slide),
@@ -176,7 +195,11 @@ def prepare_slide(
                 nuclei=int(counts.get("nuclei", 0)),
                 tiles=int(counts.get("tiles_with_tissue", 0)),
             )
-        log.info("%s: the results in %s came from other weights, settings or slide file; redone", slide, final_dir)
+        log.info(
+            "%s: the results in %s came from other weights, settings or slide file; redone",
+            display_text(slide),
+            display_text(final_dir),
+        )
     plan, thumb, thumb_um = plan_slide(slide, name, cfg, bundle.mpp)
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
@@ -360,8 +383,9 @@ def finish_slide(
         "name": plan.name,
         "fingerprint": work.fingerprint,
         "slide": {
-            "path": str(Path(plan.slide).resolve()),
             **plan.slide_info,
+            # after slide_info, whose path is the one given (perhaps relative): reruns compare this one
+            "path": display_text(Path(plan.slide).resolve()),
             "mpp_used": plan.slide_mpp,
             "mpp_source": "--mpp override" if plan.mpp_override else "slide",
         },
@@ -416,7 +440,7 @@ def finish_slide(
         n_tiles,
         timings["total_s"],
         tiles_per_s,
-        work.final_dir,
+        display_text(work.final_dir),
     )
     return SlideResult(
         plan.slide,
@@ -441,9 +465,12 @@ def _move_into_place(tmp_dir: Path, final_dir: Path) -> None:
 
 
 def abandon_slide(work: SlideWork, client: Client) -> None:
-    """After a failure: stop the slide's tasks, then remove its temporary folder."""
-    work.ledger.stop(client)
-    shutil.rmtree(work.tmp_dir, ignore_errors=True)
+    """After a failure: stop the slide's tasks, then remove its temporary folder (also when stopping
+    fails, so a failed slide leaves nothing behind)."""
+    try:
+        work.ledger.stop(client)
+    finally:
+        shutil.rmtree(work.tmp_dir, ignore_errors=True)
 
 
 def run_slide(

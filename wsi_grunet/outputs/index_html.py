@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from ..display import display_text
 from ..errors import OutputError
 
 INDEX_NAME = "index.html"
@@ -51,8 +52,9 @@ class SlideResultLike(Protocol):
 
 
 def relative_href(path: str) -> str:
-    """A relative URL for a path under the output folder (each segment percent-encoded, '/' kept)."""
-    return "/".join(quote(part) for part in Path(path).as_posix().split("/"))
+    """A relative URL for a path under the output folder (each segment percent-encoded, '/' kept; a
+    byte of the name that is not UTF-8 is encoded as itself, so the link reaches the file)."""
+    return "/".join(quote(part, errors="surrogateescape") for part in Path(path).as_posix().split("/"))
 
 
 def _read_report(folder: Path) -> dict[str, Any]:
@@ -84,10 +86,10 @@ def slide_row(out_root: Path, result: SlideResultLike | dict[str, Any]) -> dict[
     if status == "skipped":  # finished earlier: the counts are in its report
         seconds = float(report.get("timings", {}).get("total_s", 0.0))
     return {
-        "name": name or Path(str(get("slide"))).name,
-        "slide": str(get("slide")),
+        "name": display_text(name or Path(str(get("slide"))).name),
+        "slide": display_text(str(get("slide"))),
         "status": status,
-        "error": get("error"),
+        "error": None if get("error") is None else display_text(str(get("error"))),
         "nuclei": int(counts.get("nuclei", get("nuclei") or 0)),
         "tiles": int(counts.get("tiles_with_tissue", get("tiles") or 0)),
         "seconds": float(seconds),
@@ -153,5 +155,6 @@ def write_index_html(
         tmp.write_text(render_index(rows, title, model), encoding="utf-8")
         os.replace(tmp, target)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise OutputError(f"{target}: cannot write the run's index page ({exc.strerror or exc})") from None
     return target

@@ -5,6 +5,9 @@ the measurements of :data:`wsi_grunet.outputs.polygons.MEASUREMENTS` in micromet
 column's unit is stored in its Arrow field metadata under ``unit``. Rows are buffered and flushed every
 ``rows_per_group`` rows, so memory does not grow with the nucleus count. The file appears under its final
 name only when the writer closes without error; a table with zero rows is still a valid file with the schema.
+
+Files are opened by Python and handed to Arrow as open files: Arrow takes a path as UTF-8 text, which a
+folder name that is not UTF-8 (a share mounted from another system) is not.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..display import display_text
 from ..errors import OutputError
 from .polygons import MEASUREMENTS, NucleusRecord
 
@@ -54,6 +59,7 @@ class NucleusTableWriter:
         self.schema = nucleus_schema()
         self._partial = self.path.with_name(self.path.name + ".partial")
         self._writer: pq.ParquetWriter | None = None
+        self._file: BinaryIO | None = None
         self._buffer: dict[str, list] = {name: [] for name in COLUMNS}
         self._count = 0
 
@@ -64,9 +70,11 @@ class NucleusTableWriter:
 
     def __enter__(self) -> NucleusTableWriter:
         try:
-            self._writer = pq.ParquetWriter(self._partial, self.schema, compression=self.compression)
+            self._file = open(self._partial, "wb")  # noqa: SIM115 - closed by close() or __exit__
+            self._writer = pq.ParquetWriter(self._file, self.schema, compression=self.compression)
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write nucleus table ({exc})") from None
+            self._close_file()
+            raise OutputError(f"{display_text(self.path)}: cannot write nucleus table ({exc})") from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -77,12 +85,18 @@ class NucleusTableWriter:
         else:
             self._writer.close()
             self._writer = None
+            self._close_file()
             self._partial.unlink(missing_ok=True)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def write(self, record: NucleusRecord, nucleus_id: int) -> None:
         """Append one nucleus with its slide-wide id."""
         if self._writer is None:
-            raise OutputError(f"{self.path}: writer is not open (use it as a context manager)")
+            raise OutputError(f"{display_text(self.path)}: writer is not open (use it as a context manager)")
         self._buffer["id"].append(int(nucleus_id))
         for name in COLUMNS[1:]:
             self._buffer[name].append(float(getattr(record, name)))
@@ -94,12 +108,12 @@ class NucleusTableWriter:
         if not self._buffer["id"]:
             return
         if self._writer is None:
-            raise OutputError(f"{self.path}: writer is not open (use it as a context manager)")
+            raise OutputError(f"{display_text(self.path)}: writer is not open (use it as a context manager)")
         batch = pa.RecordBatch.from_pydict(self._buffer, schema=self.schema)
         try:
             self._writer.write_batch(batch, row_group_size=self.rows_per_group)
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write nucleus table ({exc})") from None
+            raise OutputError(f"{display_text(self.path)}: cannot write nucleus table ({exc})") from None
         self._buffer = {name: [] for name in COLUMNS}
 
     def close(self) -> None:
@@ -109,9 +123,12 @@ class NucleusTableWriter:
         try:
             self._flush()
             self._writer.close()
+            self._close_file()
             os.replace(self._partial, self.path)
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write nucleus table ({exc})") from None
+            self._close_file()
+            self._partial.unlink(missing_ok=True)
+            raise OutputError(f"{display_text(self.path)}: cannot write nucleus table ({exc})") from None
         finally:
             self._writer = None
 
@@ -125,10 +142,11 @@ def assemble_table(path: str | os.PathLike, pieces: Iterable[Path], rows_per_gro
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     try:
-        with pq.ParquetWriter(partial, nucleus_schema(), compression="zstd") as writer:
+        with open(partial, "wb") as out, pq.ParquetWriter(out, nucleus_schema(), compression="zstd") as writer:
             batch, rows = [], 0
             for piece in pieces:
-                table = pq.read_table(piece)
+                with open(piece, "rb") as handle:
+                    table = pq.read_table(handle)
                 batch.append(table)
                 rows += table.num_rows
                 if rows >= rows_per_group:
@@ -139,4 +157,4 @@ def assemble_table(path: str | os.PathLike, pieces: Iterable[Path], rows_per_gro
         os.replace(partial, path)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write the nucleus table ({exc.strerror or exc})") from None
+        raise OutputError(f"{display_text(path)}: cannot write the nucleus table ({exc.strerror or exc})") from None

@@ -5,7 +5,9 @@ with ``/`` kept so outputs mirror the input tree (``slides/a/x.svs`` -> ``a/x``)
 root is its parent folder. A DICOM WSI series (the .dcm files of one series in one folder) is one
 slide named after its folder. Names that still clash (``x.svs`` beside ``x.tiff``, two file
 arguments ``a/x.svs`` ``b/x.svs``, or a name that is a folder of another) get ``-<8 hex>`` of the
-SHA-1 of the slide's resolved path appended, so no output is lost or nested in another.
+SHA-1 of the slide's resolved path appended, so no output is lost or nested in another. Bytes of a
+file name that are not UTF-8 are written ``%XX`` in the output name (``odd_\\xff.svs`` -> ``odd_%FF``),
+so every output name is valid UTF-8 text.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ..display import display_text
 from ..errors import SlideOpenError
 
 #: File name extensions searched for in folders (OpenSlide's formats plus common vendor TIFFs).
@@ -50,6 +53,16 @@ def strip_slide_suffix(filename: str) -> str:
             return filename[: -len(suffix)]
     stem, dot, _ = filename.rpartition(".")
     return stem if dot and stem else filename
+
+
+def utf8_name(name: str) -> str:
+    """``name`` with each byte that is not UTF-8 written as ``%XX``.
+
+    Python keeps such bytes of a file name as the surrogates U+DC80-U+DCFF (``os.fsdecode``); the output
+    name also goes into the GeoJSON ids, the OME-Zarr metadata and the run's CSV, JSON and HTML, which
+    hold only UTF-8. Clashes with a name that really holds ``%XX`` are resolved like any other clash.
+    """
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in name)
 
 
 def path_hash(resolved: str) -> str:
@@ -208,13 +221,16 @@ def find_slides(paths: Sequence[str | Path]) -> list[SlideEntry]:
         elif given.exists():
             candidates = _file_candidates(given)
         else:
-            raise SlideOpenError(f"{given}: no such file or folder")
+            raise SlideOpenError(f"{display_text(given)}: no such file or folder")
         for candidate in candidates:
             found.setdefault(candidate.identity, candidate)
     chosen = sorted(found.values(), key=lambda c: str(c.path))
-    for candidate in chosen:
-        problem = name_problem(str(candidate.relative))
+    bases = [utf8_name(str(c.relative)) for c in chosen]
+    for candidate, base in zip(chosen, bases):
+        problem = name_problem(base)
         if problem is not None:
-            raise SlideOpenError(f"{candidate.path}: cannot name its output folder after it: {problem}; rename it")
-    names = output_names([(str(c.relative), str(c.identity)) for c in chosen])
+            raise SlideOpenError(
+                f"{display_text(candidate.path)}: cannot name its output folder after it: {problem}; rename it"
+            )
+    names = output_names([(base, str(c.identity)) for c, base in zip(chosen, bases)])
     return [SlideEntry(c.path, name, c.root) for c, name in zip(chosen, names)]

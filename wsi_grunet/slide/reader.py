@@ -19,7 +19,8 @@ import os
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..display import display_text
+from ..errors import ConfigError, PixelSizeError
 from ..geometry import Box
 from .backends import SlideBackend, open_backend
 from .metadata import PLAUSIBLE_MPP, SlideInfo
@@ -226,7 +227,11 @@ def open_reader_cached(path: str | os.PathLike, model_mpp: float, mpp_override: 
 def describe(info: SlideInfo, model_mpp: float | None = None, mpp_override: float | None = None) -> str:
     """Multi-line text for ``wsi-grunet info SLIDE``; with ``model_mpp``, what a run would read
     (the same ``ReadPlan`` a ``SlideReader`` follows)."""
-    lines = [f"Slide:       {info.path}", f"Format:      {info.vendor or 'unknown'}", f"Backend:     {info.backend}"]
+    lines = [
+        f"Slide:       {display_text(info.path)}",
+        f"Format:      {info.vendor or 'unknown'}",
+        f"Backend:     {info.backend}",
+    ]
     lines.append(f"Size:        {info.width} x {info.height} px (width x height, level 0)")
     slide_mpp = mpp_override if mpp_override is not None else info.mpp
     if info.mpp is not None:
@@ -257,7 +262,11 @@ def describe(info: SlideInfo, model_mpp: float | None = None, mpp_override: floa
         if slide_mpp is None:
             lines.append(f"At {model_mpp:g} um/px: unknown until the pixel size is given (pass --mpp)")
         else:
-            plan = plan_read(info, model_mpp, mpp_override)
+            try:
+                plan = plan_read(info, model_mpp, mpp_override)
+            except PixelSizeError as exc:  # a run would fail this slide: say why instead of describing a read
+                lines.append(f"At {model_mpp:g} um/px: not read: {exc}")
+                return "\n".join(lines)
             height, width = plan.shape
             lines.append(
                 f"At {model_mpp:g} um/px: reads level {plan.level} "

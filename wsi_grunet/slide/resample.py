@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import MissingMppError
+from ..config import pixel_size_problem
+from ..display import display_text
+from ..errors import MissingMppError, PixelSizeError
 from ..geometry import Box
 from .metadata import PLAUSIBLE_MPP, SlideInfo
 
@@ -138,18 +140,28 @@ class ReadPlan:
 
 
 def slide_pixel_size(info: SlideInfo, mpp_override: float | None) -> tuple[float, str]:
-    """The level-0 pixel size to use and its source. Raises MissingMppError naming the file."""
+    """The level-0 pixel size to use and its source. Raises MissingMppError naming the file when it
+    has none, PixelSizeError when nuclei cannot be resolved at it (``config.RESOLVABLE_MPP``)."""
     if mpp_override is not None:
-        return float(mpp_override), "--mpp"
-    if info.mpp is not None:
-        return info.mpp, info.mpp_source or "file"
-    detail = ""
-    if info.mpp_rejected is not None:
-        detail = (
-            f" (its resolution tags say {info.mpp_rejected:.4g} um/px, outside the plausible "
-            f"{PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px)"
+        mpp, source, origin = float(mpp_override), "--mpp", "--mpp"
+    elif info.mpp is not None:
+        mpp, source = info.mpp, info.mpp_source or "file"
+        origin = f"the slide's metadata, {source}"
+    else:
+        detail = ""
+        if info.mpp_rejected is not None:
+            detail = (
+                f" (its resolution tags say {info.mpp_rejected:.4g} um/px, outside the plausible "
+                f"{PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px)"
+            )
+        raise MissingMppError(f"{display_text(info.path)}: the slide records no microns-per-pixel{detail}; pass --mpp")
+    problem = pixel_size_problem(mpp)
+    if problem is not None:
+        raise PixelSizeError(
+            f"{display_text(info.path)}: pixel size {mpp:g} um/px (from {origin}) {problem}; "
+            "check the slide's metadata or --mpp"
         )
-    raise MissingMppError(f"{info.path}: the slide records no microns-per-pixel{detail}; pass --mpp")
+    return mpp, source
 
 
 def plan_at(info: SlideInfo, slide_mpp: float, mpp_source: str, target_mpp: float) -> ReadPlan:
