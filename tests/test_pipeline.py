@@ -53,7 +53,7 @@ def disc_checkpoint() -> Path:
 @pytest.fixture(scope="module")
 def client():
     with (
-        LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as c,
     ):
         yield c
@@ -416,7 +416,7 @@ def gpu_client():
     """Workers that advertise the GPU resource (the model runs on them, here on their CPU)."""
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, resources={"GPU": 1}
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0", resources={"GPU": 1}
         ) as cluster,
         Client(cluster) as c,
     ):
