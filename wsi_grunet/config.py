@@ -18,7 +18,9 @@ checks sit in the field metadata (``min``, ``max``, ``gt``, ``lt``, ``multiple_o
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -98,9 +100,31 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _Loader.add_constructor(_INT, _construct_int)
 
 
+# What parsing YAML text can raise besides YAMLError: PyYAML's constructors look up and compute on the
+# text of a tagged scalar unchecked (``!!bool maybe``: KeyError, ``!!timestamp x``: AttributeError;
+# TypeError and OverflowError are of the same kind), integers beyond Python's 4300-digit limit raise
+# ValueError, text that is not UTF-8 UnicodeDecodeError (a ValueError), and nesting a thousand levels
+# deep exhausts the parser's recursion.
+YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError)
+
+
 def yaml_load(text: str) -> Any:
-    """Parse YAML text the way config files are read (see ``_Loader``)."""
+    """Parse YAML text the way config files are read (see ``_Loader``); raises one of ``YAML_ERRORS``."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(exc: BaseException) -> str:
+    """One line saying why YAML text did not parse, and where (line and column of the text)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        parts = [p for p in (exc.context, exc.problem) if p]
+        return f"{'; '.join(parts) or type(exc).__name__}{where}"
+    if isinstance(exc, (KeyError, AttributeError, TypeError)):  # their text speaks of PyYAML's insides
+        return "a value with an explicit tag (such as !!bool or !!timestamp) that does not fit the tag"
+    return " ".join(re.sub(r'\s+in "<unicode string>",', " at", str(exc)).split()) or type(exc).__name__
 
 
 def read_yaml(path: Path | str) -> dict[str, Any]:
@@ -108,8 +132,8 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
         data = yaml_load(Path(path).read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
-    except (yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except YAML_ERRORS as exc:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping of keys")
     return data
@@ -148,12 +172,46 @@ def option(
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None and v is not False})
 
 
+# Values longer than this (in characters of repr) are abridged in error messages.
+SHOWN_CHARACTERS = 300
+
+
+class _Shown(reprlib.Repr):
+    """repr() of a value for an error message, bounded: YAML aliases can nest a short text into a value
+    whose full repr never ends (or is infinite, for a recursive alias), and repr() of an integer of
+    more than 4300 digits raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxset, self.maxfrozenset, self.maxdict = 3, 6, 6, 6, 6, 6
+        self.maxstring, self.maxother = SHOWN_CHARACTERS - 100, SHOWN_CHARACTERS - 100
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return repr(x)
+
+
+_SHOWN = _Shown()
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    text = _SHOWN.repr(value)
+    return text if len(text) <= SHOWN_CHARACTERS else text[: SHOWN_CHARACTERS - 3] + "..."
+
+
+def _key_text(key: Any) -> str:
+    """A mapping key as written in a dotted key (YAML keys may be numbers, dates or null)."""
+    return key if isinstance(key, str) else _show(key)
+
+
+def _dotted_shown(dotted: str) -> str:
+    """A dotted key for a message: as it is, or quoted where it is empty or holds spaces or odd characters."""
+    return dotted if re.fullmatch(r"[\w.-]+", dotted) and not dotted.endswith(".") else _show(dotted)
 
 
 def _range_text(meta: typing.Mapping[str, Any]) -> str:
@@ -217,6 +275,10 @@ def _optional(annotation: Any) -> bool:
     return union and type(None) in typing.get_args(annotation)
 
 
+class _TooLarge(InvalidValue):
+    """A number of the right type, too large to use: a union says so rather than try its other types."""
+
+
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
@@ -237,6 +299,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         for candidate in options:
             try:
                 return _coerce(value, candidate, key)
+            except _TooLarge:
+                raise
             except InvalidValue:
                 continue
         raise wrong
@@ -261,11 +325,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise wrong
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:  # numpy, torch and the OS take 64-bit integers
+                raise _TooLarge(f"{key}: {_show(value)} is too large; allowed: {describe(annotation)}", key)
             return value
         raise wrong
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond the float range (about 1.8e308)
+                raise _TooLarge(f"{key}: {_show(value)} is too large; allowed: {describe(annotation)}", key) from None
         raise wrong
     if annotation is str:
         if isinstance(value, str):
@@ -282,13 +351,14 @@ def _check_field(value: Any, annotation: Any, meta: typing.Mapping[str, Any], ke
     if isinstance(value, (list, tuple)):
         if "min_len" in meta and len(value) < meta["min_len"]:
             raise InvalidValue(
-                f"{key}: {list(value)!r} needs at least {meta['min_len']} item(s); allowed: {allowed}", key
+                f"{key}: {_show(list(value))} needs at least {meta['min_len']} item(s); allowed: {allowed}", key
             )
         if meta.get("unique") and len(set(value)) != len(value):
-            raise InvalidValue(f"{key}: {list(value)!r} names an item twice", key)
+            raise InvalidValue(f"{key}: {_show(list(value))} names an item twice", key)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value != value:  # NaN passes no comparison
-            raise InvalidValue(f"{key}: nan is not allowed; allowed: {allowed}", key)
+        if isinstance(value, float) and not math.isfinite(value):
+            # NaN passes no comparison, and no setting means "infinitely much" (null stands for "none")
+            raise InvalidValue(f"{key}: {value} is not allowed; allowed: {allowed}", key)
         broken = (
             ("min" in meta and value < meta["min"])
             or ("max" in meta and value > meta["max"])
@@ -315,11 +385,11 @@ def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
         raise InvalidValue(f"{where or 'config'}: expected a mapping of keys, got {_show(data)}", where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in set(data) - set(fields))
+    unknown = sorted(_key_text(k) for k in set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
         raise InvalidValue(
-            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known keys"
+            f"unknown key(s) {', '.join(_dotted_shown(prefix + k) for k in unknown)}; known keys"
             f"{' of ' + where if where else ''}: {', '.join(fields)}",
             *(prefix + k for k in unknown),
         )
@@ -334,8 +404,17 @@ def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+# torch keeps a device number in 8 bits: cuda:128 becomes cuda:-128, and a longer number does not parse
+MAX_CUDA_INDEX = 127
+
+
 def _device_problem(value: str) -> str | None:
-    return None if re.fullmatch(r"auto|cpu|cuda|cuda:\d+", value) else "is not a device"
+    match = re.fullmatch(r"auto|cpu|cuda|cuda:([0-9]+)", value)  # ASCII digits: torch reads no others
+    if match is None:
+        return "is not a device"
+    if match.group(1) is not None and int(match.group(1)) > MAX_CUDA_INDEX:
+        return f"names a device number above {MAX_CUDA_INDEX}"
+    return None
 
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
@@ -438,7 +517,9 @@ class PostprocessOptions:
 
 
 def _address_problem(value: str) -> str | None:
-    if re.fullmatch(r"(tcp|tls|ucx)://[^\s/]+", value) or re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", value):
+    if re.fullmatch(r"(tcp|tls|ucx)://[^\s/]+", value) or re.fullmatch(
+        r"(\[[0-9a-fA-F:]+\]|[\w.-]+):[0-9]{1,5}", value
+    ):
         return None
     return "is not a scheduler address"
 
@@ -466,14 +547,14 @@ class ClusterOptions:
 
 
 def _walltime_problem(value: str) -> str | None:
-    # SLURM's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
-    ok = re.fullmatch(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}", value.strip())
+    # SLURM's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (ASCII digits: SLURM reads no others)
+    ok = re.fullmatch(r"[0-9]+(:[0-9]{1,2}){0,2}|[0-9]+-[0-9]{1,2}(:[0-9]{1,2}){0,2}", value.strip())
     return None if ok else "is not a SLURM walltime"
 
 
 def _memory_problem(value: str) -> str | None:
-    ok = re.fullmatch(r"\d+(\.\d+)?\s*([kKmMgGtTpP]i?)?[bB]?", value.strip())
-    return None if ok and float(re.match(r"[\d.]+", value.strip()).group()) > 0 else "is not an amount of memory"  # type: ignore[union-attr]
+    ok = re.fullmatch(r"([0-9]+(\.[0-9]+)?)\s*([kKmMgGtTpP]i?)?[bB]?", value.strip())
+    return None if ok and float(ok.group(1)) > 0 else "is not an amount of memory"
 
 
 @dataclass(frozen=True)
@@ -598,15 +679,15 @@ class Override(dict):  # type: ignore[type-arg]
 def parse_override(text: str) -> dict[str, Any]:
     """Turn ``section.key=value`` into ``{"section": {"key": value}}`` (value parsed as YAML)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r} must look like section.key=value")
+        raise ConfigError(f"--set {_show(text)} must look like section.key=value")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {text!r}: {dotted.strip()!r} is not a dotted key such as model.amp")
+        raise ConfigError(f"--set {_show(text)}: {_show(dotted.strip())} is not a dotted key such as model.amp")
     try:
         value = yaml_load(raw) if raw.strip() else None
-    except (yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    except YAML_ERRORS as exc:
+        raise ConfigError(f"--set {_show(text)}: the value is not valid YAML ({yaml_problem(exc)})") from None
     result = Override()
     result.text = text
     node: dict[str, Any] = result
@@ -616,21 +697,40 @@ def parse_override(text: str) -> dict[str, Any]:
     return result
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _sections(cls: type | None) -> dict[str, type]:
+    """The fields of ``cls`` that are sections (dataclasses themselves), by name."""
+    if cls is None:
+        return {}
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+# Merging and tracing descend only into the sections of the config: a mapping anywhere else is a wrong
+# value, and YAML aliases can make it refer to itself (``x: &a {y: *a}``) or nest it exponentially deep.
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """``update`` merged over ``base``; the sections of ``cls`` are merged key by key, all else replaced."""
     merged = dict(base)
+    sections = _sections(cls)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key in sections:
+            merged[key] = _deep_merge(merged[key], value, sections[key])
         else:
             merged[key] = value
     return merged
 
 
-def _leaves(data: dict[str, Any], prefix: str = "") -> list[str]:
+def _leaves(data: dict[str, Any], cls: type | None, prefix: str = "") -> list[str]:
+    """The dotted keys a layer sets: inside the sections of ``cls``, each key it sets there."""
     out = []
+    sections = _sections(cls)
     for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        out += _leaves(value, dotted + ".") if isinstance(value, dict) and value else [dotted]
+        dotted = f"{prefix}{_key_text(key)}"
+        if isinstance(value, dict) and value and key in sections:
+            out += _leaves(value, sections[key], dotted + ".")
+        else:
+            out.append(dotted)
     return out
 
 
@@ -639,8 +739,8 @@ def _build(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
     data: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for source, layer in layers:
-        data = _deep_merge(data, layer)
-        for key in _leaves(layer):
+        data = _deep_merge(data, layer, cls)
+        for key in _leaves(layer, cls):
             origin[key] = source
     try:
         return build_dataclass(cls, data)
@@ -671,7 +771,7 @@ def default_layers() -> list[tuple[str, dict[str, Any]]]:
     """The packaged defaults: ``default.yaml`` with ``cluster/slurm.yaml`` under the key ``slurm``."""
     data: dict[str, Any] = read_yaml(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else {}
     if SLURM_CONFIG_PATH.exists():
-        data = _deep_merge(data, {"slurm": read_yaml(SLURM_CONFIG_PATH)})
+        data = _deep_merge(data, {"slurm": read_yaml(SLURM_CONFIG_PATH)}, RunConfig)
     return [("defaults", data)]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import SlideOpenError
 from .metadata import SlideInfo
 from .openslide_backend import OpenSlideBackend, OpenSlideDeclined, open_openslide
-from .tiff_backend import NotBrightfieldError, TiffBackend, prefer_over_openslide
+from .tiff_backend import NotBrightfieldError, TiffBackend, chunk_table_problem, prefer_over_openslide
 
 
 class SlideBackend(Protocol):
@@ -46,6 +46,9 @@ def open_backend(path: str | os.PathLike) -> SlideBackend:
         raise SlideOpenError(f"{path}: no such file")
     if path.is_dir():
         raise SlideOpenError(f"{path}: is a folder, not a slide file")
+    problem = chunk_table_problem(path)  # before OpenSlide, which a corrupt TIFF can crash
+    if problem is not None:
+        raise SlideOpenError(f"{path}: {problem}")
     try:
         handle = open_openslide(path)
     except OpenSlideDeclined as declined:

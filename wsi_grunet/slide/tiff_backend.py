@@ -9,6 +9,7 @@ pixel size; tifffile sees its levels and the OME-XML. Only brightfield slides ar
 from __future__ import annotations
 
 import os
+import reprlib
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +41,10 @@ _RGB_PHOTOMETRIC = {PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR}
 
 class NotBrightfieldError(SlideOpenError):
     """The file is a TIFF image, but not an 8-bit RGB brightfield slide."""
+
+
+def _error_text(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _open_tiff(path: Path) -> tifffile.TiffFile:
@@ -82,10 +87,76 @@ def _layout(path: Path, series: Any) -> str:
         raise NotBrightfieldError(
             f"{path}: not a brightfield RGB slide: it has {channels} channel{'s' if channels != 1 else ''} "
             f"of {dtype}{f' with extra axes ({extra})' if extra else ''} "
-            f"(photometric {PHOTOMETRIC(page.photometric).name}); "
+            f"(photometric {_photometric_name(page.photometric)}); "
             "only 8-bit RGB (3 samples, or 4 with alpha) is read"
         )
     return "interleaved" if axes == "YXS" else "planar"
+
+
+def _photometric_name(value: int) -> str:
+    """PHOTOMETRIC's name for a tag value, or the number where it is none the TIFF standard knows."""
+    try:
+        return PHOTOMETRIC(value).name
+    except ValueError:
+        return str(value)
+
+
+def chunk_table_problem(path: str | os.PathLike) -> str | None:
+    """Why a TIFF's tile and strip tables cannot be trusted, or None.
+
+    OpenSlide trusts them, and a corrupt one kills the process inside it: image and tile sizes that
+    disagree with the tiles listed make it divide by zero (SIGFPE) when the file is opened, a TileWidth
+    near 2**31 makes GLib abort on a tile buffer of terabytes. So each image of the file's IFD chain must
+    have positive tile sizes and list the tiles its size needs (a corrupt ImageWidth, ImageLength,
+    TileWidth or TileLength changes that number), and every stored tile or strip must lie inside the
+    file (a truncated copy, or a corrupt offset or byte count, puts some past its end). Files tifffile
+    cannot parse, and NDPI files (whose offsets tifffile reconstructs), are not judged here: None, and
+    OpenSlide has its say.
+    """
+    try:
+        size = os.path.getsize(path)
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ndpi:
+                return None
+            for index, page in enumerate(tif.pages):
+                problem = _page_chunk_problem(page, size)
+                if problem is not None:
+                    return f"TIFF image {index} {problem}; the file is corrupt or truncated"
+    except Exception:  # noqa: BLE001 (tifffile raises assorted errors on malformed structures)
+        return None
+    return None
+
+
+def _page_chunk_problem(page: Any, file_size: int) -> str | None:
+    tile_width, tile_length = page.tags.valueof(322), page.tags.valueof(323)  # TileWidth, TileLength
+    if (tile_width, tile_length) != (None, None) and not (_positive_int(tile_width) and _positive_int(tile_length)):
+        return (
+            f"has an unusable tile size (TileWidth {reprlib.repr(tile_width)}, TileLength {reprlib.repr(tile_length)})"
+        )
+    offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
+    counts = np.asarray(page.databytecounts, dtype=np.uint64)
+    if len(offsets) != len(counts):
+        return f"lists {len(offsets)} offsets of pixel data but {len(counts)} byte counts"
+    if page.is_tiled:
+        needed = int(np.prod(page.chunked))
+        if len(offsets) != needed:
+            height, width = page.imagelength, page.imagewidth
+            return (
+                f"lists {len(offsets)} tiles, but its size ({width} x {height} px in tiles of "
+                f"{page.tilewidth} x {page.tilelength}) needs {needed}"
+            )
+    stored = counts > 0  # a count of 0: a tile not stored (sparse slides)
+    ends = offsets[stored] + counts[stored]
+    if bool((ends < offsets[stored]).any()):  # the sum wrapped around: beyond any file
+        return "has pixel data past the end of the file (an offset or byte count near 2**64)"
+    end = int(ends.max(initial=0))
+    if end > file_size:
+        return f"has pixel data up to byte {end}, past the end of the file ({file_size} bytes)"
+    return None
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and value > 0
 
 
 def _check_pages(path: Path, levels: list[Any]) -> None:
@@ -150,9 +221,12 @@ class TiffBackend:
         self._tif = _open_tiff(Path(path))
         try:
             self._setup(Path(path))
-        except Exception:
+        except SlideOpenError:
             self._tif.close()
             raise
+        except Exception as exc:  # noqa: BLE001 (tifffile parses tags and series lazily: malformed ones raise here)
+            self._tif.close()
+            raise SlideOpenError(f"{path}: unreadable TIFF structure ({_error_text(exc)})") from None
 
     def _setup(self, path: Path) -> None:
         tif = self._tif
