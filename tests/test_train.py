@@ -710,3 +710,18 @@ def test_worst_gain_selects_the_candidate_best_in_its_worst_dataset():
     assert selection_score(a, start, "worst_gain") == pytest.approx(-0.01)  # TNBC judged by Dice
     assert selection_score(b, start, "worst_gain") == pytest.approx(0.01)
     assert selection_score(start, None, "worst_gain") == 0.0
+
+
+def test_a_resumed_run_names_the_weights_it_first_started_from(dataset, tmp_path):
+    first, other = tmp_path / "first", tmp_path / "other"
+    train([dataset], first, dataclasses.replace(TINY, max_steps=4), progress=False)
+    train([dataset], other, dataclasses.replace(TINY, max_steps=4, seed=1), progress=False)
+    started_from = load_checkpoint(first).sha256
+    cfg = dataclasses.replace(TINY, max_steps=8, val_every=4, init_weights=str(first))
+    train([dataset], tmp_path / "run", cfg, progress=False, until_step=6)
+    for suffix in (".safetensors", ".json"):  # the start's path now holds other weights
+        shutil.copyfile(other.with_name("other" + suffix), first.with_name("first" + suffix))
+    assert load_checkpoint(first).sha256 != started_from
+    train([dataset], tmp_path / "run", cfg, progress=False)
+    init = load_checkpoint(tmp_path / "run").metadata["training"]["init"]
+    assert init["sha256"] == started_from and init["path"] == str(first)

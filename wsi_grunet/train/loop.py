@@ -535,6 +535,14 @@ def start_training_run(cfg: TrainConfig, data: TrainingData) -> tuple[TrainingRu
     return TrainingRun(model, optimizer, sampler, generator, speed, cfg, scaler), init
 
 
+def describe_start(init: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's JSON says of the weights its run started from (see ``initial_model``)."""
+    start = {k: v for k, v in init.items() if k != "training"}
+    if isinstance(init.get("training"), dict):
+        start["previous_training"] = {k: init["training"].get(k) for k in ("step", "config")}
+    return start
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 
@@ -566,7 +574,10 @@ def train(
         "best": -math.inf,
         "history": [],
         "form": run.form,
+        "init": describe_start(init),
     }
+    # A resumed run started from the weights of its first start, even if "packaged" means others now.
+    start_weights = info.get("init") or describe_start(init)
     if info["step"]:
         log.info("resuming %s from step %d (best %s %.4f)", out, info["step"], cfg.select_by, info["best"])
     metadata: dict[str, Any] = {
@@ -580,14 +591,10 @@ def train(
             "data": data.sources,
             "speed": speed.to_dict(),
             "form": run.form,
-            "init": {k: v for k, v in init.items() if k != "training"},
+            "init": start_weights,
             "selection": {"metric": cfg.select_by, "split": cfg.validation_split, "postprocess": params.to_dict()},
         },
     }
-    if init.get("training"):
-        metadata["training"]["init"]["previous_training"] = {
-            k: init["training"].get(k) for k in ("step", "config") if isinstance(init["training"], dict)
-        }
 
     def checkpoint(scores: dict[str, Any], where: Path = out) -> None:
         metadata["training"].update(step=info["step"], validation={"split": cfg.validation_split, **scores})
