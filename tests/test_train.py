@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -725,3 +726,35 @@ def test_a_resumed_run_names_the_weights_it_first_started_from(dataset, tmp_path
     train([dataset], tmp_path / "run", cfg, progress=False)
     init = load_checkpoint(tmp_path / "run").metadata["training"]["init"]
     assert init["sha256"] == started_from and init["path"] == str(first)
+
+
+def test_sigterm_stops_the_lane_after_its_step_with_the_state_saved(dataset, tmp_path):
+    settings = [
+        "base_filters=4",
+        "attention_width=8",
+        "crop=64",
+        "batch_size=4",
+        "lr=1e-3",
+        "val_every=100",
+        "max_steps=200",
+        "device=cpu",
+        "amp=fp32",
+        "channels_last=false",
+        "threads=1",
+    ]
+    out = tmp_path / "m"
+    process = subprocess.Popen(_train_command("--data", str(dataset), "--out", str(out), "--set", *settings))
+    progress = out.with_name("m.progress.json")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not progress.exists():
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    saved = json.loads(out.with_name("m.state.json").read_text())["step"]
+    assert 10 <= saved < 100  # between validations: the steps since the last one are kept, not lost
+    resumed = subprocess.run(
+        _train_command("--resume", str(out)), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(out.with_name("m.state.json").read_text())["step"] == 200

@@ -17,6 +17,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -327,6 +329,13 @@ def _state_paths(out: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".state.safetensors"), stem.with_name(stem.name + ".state.json")
 
 
+def _replace_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` beside ``path`` and rename it into place: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def candidates_dir(out: Path) -> Path:
     """Where ``keep_candidates`` writes each validated step's weights."""
     stem = checkpoint_stem(out)
@@ -350,9 +359,7 @@ def write_run_arguments(
         "mpp": mpp,
         "config": asdict(cfg),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(arguments, indent=2))
-    os.replace(tmp, path)
+    _replace_json(path, arguments)
 
 
 def read_run_arguments(out: Path) -> dict[str, Any]:
@@ -384,13 +391,11 @@ def write_progress(out: Path, info: dict[str, Any], lr: float, max_steps: int) -
         "running_loss": info.get("running_loss"),
         "lr": lr,
         "last_step_seconds": info.get("last_step_seconds"),
-        "best": info.get("best"),
+        "best": info["best"] if "best_step" in info else None,  # no -Infinity in the file
         "best_step": info.get("best_step"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    _replace_json(path, record)
 
 
 def save_training_state(
@@ -543,6 +548,28 @@ def describe_start(init: dict[str, Any]) -> dict[str, Any]:
     return start
 
 
+class StopRequests:
+    """SIGTERM and Ctrl-C ask a run to stop after its current step, with its state saved (main thread
+    only, where Python delivers signals); ``restore`` puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 
@@ -641,7 +668,11 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=info["step"], disable=not progress, desc="train", unit="step")
     running = info.get("running_loss")  # a resumed run continues the smoothed loss
     stepped = False
+    stop = StopRequests()
     while info["step"] < stop_at:
+        if stop.requested:
+            log.info("%s at step %d: state saved, continue with train --resume", stop.requested, info["step"])
+            break
         if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
             log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, info["step"])
             if stepped and info["history"] and info["history"][-1]["step"] != info["step"]:
@@ -664,6 +695,7 @@ def train(
                 loss=f"{running:.3f}", **{f"val_{cfg.select_by}": f"{info['history'][-1]['selection_score']:.3f}"}
             )
     bar.close()
+    stop.restore()
     if stepped and (not info["history"] or info["history"][-1]["step"] != info["step"]):
         save_training_state(out, model, optimizer, generator, info)  # stopped between validations
     if "best_step" not in info:  # stopped before the first validation: keep what there is
