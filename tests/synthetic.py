@@ -172,3 +172,21 @@ def write_synthetic_slide(
     )
     truth["path"] = Path(path)
     return truth
+
+
+# `wsi-grunet run` options for small, quick runs with the null model (no weights): small tiles and one
+# single-threaded worker, so a synthetic slide is a few tiles even on a loaded CPU.
+NULL_MODEL_RUN_OPTIONS = [
+    "--weights",
+    "null-model",
+    "--workers",
+    "1",
+    "--tile-size",
+    "256",
+    "--halo",
+    "64",
+    "--quiet",
+    "--set",
+    "output.chunk=64",
+    "cluster.threads_per_worker=1",
+]

@@ -46,7 +46,7 @@ from wsi_grunet.config import (
     yaml_load,
 )
 
-from synthetic import synthetic_rgb, write_rgb_image, write_synthetic_slide
+from synthetic import NULL_MODEL_RUN_OPTIONS, synthetic_rgb, write_rgb_image, write_synthetic_slide
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Derandomized (CI sees the same inputs every run) and without an example database on disk.
@@ -656,24 +656,6 @@ def test_the_regressions_edit_the_tags_they_name(slides):
         assert apply_edits(raw, edits) != raw.data, edits
 
 
-# --- the CLI on a folder with corrupt slides ----------------------------------------------------------
-
-RUN_OPTIONS = [
-    "--weights",
-    "null-model",
-    "--workers",
-    "1",
-    "--tile-size",
-    "256",
-    "--halo",
-    "64",
-    "--quiet",
-    "--set",
-    "output.chunk=64",
-    "cluster.threads_per_worker=1",
-]
-
-
 def test_cli_fails_each_corrupt_slide_with_one_line_and_finishes_the_good_one(tmp_path):
     """The real command on a good slide and three corrupt copies: exit code 1, each copy failed with one
     line naming it in run_summary.json (refused when opened, or when its pixels are read), no traceback."""
@@ -693,7 +675,7 @@ def test_cli_fails_each_corrupt_slide_with_one_line_and_finishes_the_good_one(tm
     )
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "wsi_grunet.cli", "run", str(folder), "--out", str(out), *RUN_OPTIONS],
+        [sys.executable, "-m", "wsi_grunet.cli", "run", str(folder), "--out", str(out), *NULL_MODEL_RUN_OPTIONS],
         capture_output=True,
         text=True,
         timeout=300,

@@ -20,24 +20,9 @@ from wsi_grunet.cli import EXIT_FAILED, EXIT_OK
 from wsi_grunet.display import display_text
 from wsi_grunet.slide.discovery import find_slides, utf8_name
 
-from synthetic import write_synthetic_slide
+from synthetic import NULL_MODEL_RUN_OPTIONS, write_synthetic_slide
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Small tiles and one worker: a few tiles per slide, quick on a loaded CPU; the null model needs no weights.
-RUN_OPTIONS = [
-    "--weights",
-    "null-model",
-    "--workers",
-    "1",
-    "--tile-size",
-    "256",
-    "--halo",
-    "64",
-    "--quiet",
-    "--set",
-    "output.chunk=64",
-    "cluster.threads_per_worker=1",
-]
 NOT_UTF8 = b"odd_\xff\xfe.svs"  # Latin-1 bytes, as a share from another system shows them
 NOT_UTF8_FOLDER = b"caf\xe9"
 ACCENTED = "-lésion 2 µm.svs"  # spaces, non-ASCII letters and a leading dash that must not read as an option
@@ -110,7 +95,7 @@ def odd_run(tmp_path_factory):
     copy_as(slides, NOT_UTF8_FOLDER + b"/x.svs", normal)
     copy_as(slides, ACCENTED.encode(), normal)
     out = root / "results"
-    done = run_cli(slides, "--out", out, *RUN_OPTIONS)
+    done = run_cli(slides, "--out", out, *NULL_MODEL_RUN_OPTIONS)
     return slides, out, done
 
 
@@ -153,7 +138,7 @@ def test_odd_names_run_like_any_other(odd_run):
 
 def test_odd_names_are_skipped_when_run_again(odd_run):
     slides, out, _ = odd_run
-    again = run_cli(slides, "--out", out, *RUN_OPTIONS)
+    again = run_cli(slides, "--out", out, *NULL_MODEL_RUN_OPTIONS)
     assert again.returncode == EXIT_OK, again.stdout + again.stderr
     summary = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))
     assert [s["status"] for s in summary["slides"]] == ["skipped"] * 4, summary["slides"]
@@ -169,7 +154,7 @@ def test_a_result_that_cannot_be_recorded_fails_that_slide_only(tmp_path):
     copy_as(slides, NOT_UTF8, slides / "a.svs")
     out = tmp_path / "results"
     (out / "cohort.csv").mkdir(parents=True)
-    done = run_cli(slides, "--out", out, *RUN_OPTIONS)
+    done = run_cli(slides, "--out", out, *NULL_MODEL_RUN_OPTIONS)
     assert done.returncode == EXIT_FAILED, done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     summary = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))
@@ -188,7 +173,7 @@ def test_an_output_folder_whose_name_is_not_utf8(tmp_path):
     slides.mkdir()
     write_synthetic_slide(slides / "s.svs", 600, 400, mpp=0.5, levels=1, seed=2)
     out = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), NOT_UTF8_FOLDER, b"results")))
-    done = run_cli(slides, "--out", out, *RUN_OPTIONS)
+    done = run_cli(slides, "--out", out, *NULL_MODEL_RUN_OPTIONS)
     assert done.returncode == EXIT_OK, done.stdout + done.stderr
     summary = json.loads((out / "run_summary.json").read_bytes().decode("utf-8"))
     assert summary["slides"][0]["out_dir"] == display_text(out / "s")

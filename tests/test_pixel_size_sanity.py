@@ -16,22 +16,7 @@ from wsi_grunet.cli import EXIT_FAILED, EXIT_USAGE, main
 from wsi_grunet.errors import PixelSizeError
 from wsi_grunet.slide.reader import SlideReader, describe, inspect_slide
 
-from synthetic import write_synthetic_slide
-
-RUN_OPTIONS = [
-    "--weights",
-    "null-model",
-    "--workers",
-    "1",
-    "--tile-size",
-    "256",
-    "--halo",
-    "64",
-    "--quiet",
-    "--set",
-    "output.chunk=64",
-    "cluster.threads_per_worker=1",
-]
+from synthetic import NULL_MODEL_RUN_OPTIONS, write_synthetic_slide
 
 
 @pytest.fixture
@@ -44,7 +29,7 @@ def slides(tmp_path) -> Path:
 
 
 def run(slides: Path, out: Path, *args: str) -> int:
-    return main(["run", str(slides), "--out", str(out), *RUN_OPTIONS, *args])
+    return main(["run", str(slides), "--out", str(out), *NULL_MODEL_RUN_OPTIONS, *args])
 
 
 def summary_by_file(out: Path) -> dict[str, dict]:
@@ -93,7 +78,7 @@ def test_a_slide_whose_metadata_is_out_of_range_fails_alone(slides, tmp_path, ca
     assert "pixel size 5 um/px" in ledger["coarse"]["error"]
     assert "pixel size 5 um/px" in capsys.readouterr().out
     # --mpp states the pixel size for the slide whose metadata is wrong
-    assert main(["run", str(slides / "coarse.svs"), "--out", str(out), "--mpp", "0.5", *RUN_OPTIONS]) == 0
+    assert main(["run", str(slides / "coarse.svs"), "--out", str(out), "--mpp", "0.5", *NULL_MODEL_RUN_OPTIONS]) == 0
 
 
 def test_the_reader_and_info_apply_the_same_rule(slides):

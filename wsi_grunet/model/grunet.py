@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -255,19 +256,44 @@ class GRUNet(nn.Module):
                 module.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 16 or x.shape[-2] % 16:
-            raise ValueError(f"GRU-Net needs height and width divisible by 16, got {tuple(x.shape[-2:])}")
+        check_input_size(x)
         skips = []
         for encoder, skip in zip(self.encoders, self.skips):
             x = encoder(x)
             skips.append(skip(x))
             x = F.max_pool2d(x, 2)
-        bridge = self.bridge(x)
-        attention = self.attention(bridge)
-        x = bridge
-        for up, decoder, skip, att in zip(self.ups, self.decoders, reversed(skips), attention):
-            x = decoder(torch.cat([up(x), skip], dim=1)) * att
-        return self.head(x)
+        return decode(self, x, skips)
+
+
+def check_input_size(x: torch.Tensor) -> None:
+    if x.shape[-1] % 16 or x.shape[-2] % 16:
+        raise ValueError(f"GRU-Net needs height and width divisible by 16, got {tuple(x.shape[-2:])}")
+
+
+class DecoderModules(Protocol):
+    """What ``decode`` reads of a model: GRU-Net and its training form both have these."""
+
+    @property
+    def bridge(self) -> nn.Module: ...
+    @property
+    def attention(self) -> nn.Module: ...
+    @property
+    def ups(self) -> nn.ModuleList: ...
+    @property
+    def decoders(self) -> nn.ModuleList: ...
+    @property
+    def head(self) -> nn.Module: ...
+
+
+def decode(model: DecoderModules, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    """Bridge, attention and decoder of ``model`` (a GRU-Net or a form of it with the same decoder
+    modules) from the last pooled encoder features ``x`` and the skips, finest first."""
+    bridge = model.bridge(x)
+    attention = model.attention(bridge)
+    x = bridge
+    for up, decoder, skip, att in zip(model.ups, model.decoders, reversed(skips), attention):
+        x = decoder(torch.cat([up(x), skip], dim=1)) * att
+    return model.head(x)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -36,7 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grunet import ControlledDenseResidualBlock, ConvBN, DenseUnit, GaussianAttention, GRUNet, SeparableConv1x1
+from .grunet import (
+    ControlledDenseResidualBlock,
+    ConvBN,
+    DenseUnit,
+    GaussianAttention,
+    GRUNet,
+    SeparableConv1x1,
+    check_input_size,
+    decode,
+)
 from .inference_form import FoldedConvBN, FusedCDRB, merge_repeated_inputs
 
 # The published concatenations (names of the maps, in order) and the distinct maps the training form reads.
@@ -218,8 +227,7 @@ class TrainingGRUNet(nn.Module):
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 16 or x.shape[-2] % 16:
-            raise ValueError(f"GRU-Net needs height and width divisible by 16, got {tuple(x.shape[-2:])}")
+        check_input_size(x)
         skips = []
         for level in self.frozen:
             x, skip = level(x)
@@ -229,12 +237,7 @@ class TrainingGRUNet(nn.Module):
             x = encoder(x)
             skips.append(skip_block(x))
             x = F.max_pool2d(x, 2)
-        bridge = self.bridge(x)
-        attention = self.attention(bridge)
-        x = bridge
-        for up, decoder, skip, att in zip(self.ups, self.decoders, reversed(skips), attention):
-            x = decoder(torch.cat([up(x), skip], dim=1)) * att
-        return self.head(x)
+        return decode(self, x, skips)
 
     @torch.no_grad()
     def published_model(self) -> GRUNet:
